@@ -1,0 +1,174 @@
+"""Turn a prediction's ``inputs`` into plain JSON: files become URLs (uploaded) or base64 data URIs.
+
+Rules, following the official SDK so users' inputs mean the same thing here:
+
+- A string counts as a local path only when it starts with ``/``, ``./``, ``../``, ``~`` or a drive
+  letter (``C:``). If such a file exists it is sent as a file. If it does not exist and ends with a
+  known media suffix (``.png``, ``.jpg``, ``.mp4``...) it is an error (almost certainly a typo or a file
+  missing on this worker); any other such string is sent as text (e.g. a prompt starting with ``/``).
+- ``pathlib.Path``, Airflow ``ObjectStoragePath`` and binary file objects are always files.
+- ``bytes`` are rejected (wrap them in ``io.BytesIO`` to send them as a file), sets and tuples become
+  lists, dates and datetimes ISO 8601 strings; anything else that is not JSON is rejected by name.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import math
+import mimetypes
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePath
+from typing import IO, Any, Literal
+
+from airflow_provider_speedpix.exceptions import SpeedPixInputError
+
+FileEncodingStrategy = Literal["url", "base64"]
+FILE_ENCODING_STRATEGIES = ("url", "base64")
+BASE64_LIMIT = 1024 * 1024
+MEDIA_SUFFIXES = frozenset(
+    [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".mp4", ".mov", ".avi", ".webm", ".mkv", ".mp3", ".wav", ".json", ".safetensors"]
+)
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+#: ``upload(source, filename, where) -> access_url``; ``source`` is a path, ObjectStoragePath or file object.
+Uploader = Callable[[Any, str, str], str]
+
+
+def looks_like_local_path(value: str) -> bool:
+    return value.startswith(_PATH_PREFIXES) or (len(value) > 2 and value[1] == ":" and value[2] in "\\/")
+
+
+def is_object_storage_path(value: Any) -> bool:
+    """True for Airflow's ``ObjectStoragePath`` (checked without importing it eagerly)."""
+    cls = type(value)
+    return any(c.__name__ == "ObjectStoragePath" for c in cls.__mro__) and hasattr(value, "open")
+
+
+def is_file_object(value: Any) -> bool:
+    return isinstance(value, io.IOBase) or (hasattr(value, "read") and callable(value.read))
+
+
+def check_strategy(strategy: str) -> FileEncodingStrategy:
+    if strategy not in FILE_ENCODING_STRATEGIES:
+        raise SpeedPixInputError(
+            f"`file_encoding_strategy` must be 'url' (upload, any size) or 'base64' (inline, up to 1 MiB), "
+            f"got {strategy!r}."
+        )
+    return strategy  # type: ignore[return-value]
+
+
+def guess_content_type(filename: str) -> str:
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
+def _local_file(path: Path, where: str) -> Path:
+    if path.is_dir():
+        raise SpeedPixInputError(f"{where}: {str(path)!r} is a directory; pass a single file.")
+    if not path.exists():
+        raise SpeedPixInputError(
+            f"{where}: file {str(path)!r} does not exist on this worker (resolved to {str(path.resolve())!r}). "
+            "Fix the path, or upload it first with SpeedPixHook.upload_file and pass its URL."
+        )
+    if not os.access(path, os.R_OK):
+        raise SpeedPixInputError(f"{where}: file {str(path)!r} is not readable by this worker's user.")
+    if path.stat().st_size == 0:
+        raise SpeedPixInputError(f"{where}: file {str(path)!r} is empty (0 bytes); nothing to send.")
+    return path
+
+
+def _data_uri(stream: IO[bytes], filename: str, where: str) -> str:
+    data = stream.read(BASE64_LIMIT + 1)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if len(data) > BASE64_LIMIT:
+        raise SpeedPixInputError(
+            f"{where}: {filename or 'the file'} is over 1 MiB, the limit for file_encoding_strategy='base64'. "
+            "Use file_encoding_strategy='url' (the default), which uploads files of any size."
+        )
+    if not data:
+        raise SpeedPixInputError(f"{where}: {filename or 'the file'} is empty (0 bytes); nothing to send.")
+    return f"data:{guess_content_type(filename)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+class InputPreparer:
+    """Walks ``inputs`` once; uploads each distinct local file once."""
+
+    def __init__(self, upload: Uploader, strategy: str = "url") -> None:
+        self._upload = upload
+        self._strategy = check_strategy(strategy)
+        self._done: dict[str, str] = {}
+
+    def prepare(self, inputs: Any) -> dict[str, Any]:
+        if not isinstance(inputs, Mapping):
+            raise SpeedPixInputError(
+                f"`inputs` must be a dict of the workflow's input fields, got {type(inputs).__name__}. "
+                "Example: inputs={'text': 'white background', 'image': '/data/product.png'}."
+            )
+        return {str(k): self._value(v, f"inputs[{k!r}]") for k, v in inputs.items()}
+
+    def _value(self, value: Any, where: str) -> Any:
+        if value is None or isinstance(value, bool | int | float):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SpeedPixInputError(f"{where}: {value!r} is not valid JSON; pass a finite number.")
+            return value
+        if isinstance(value, str):
+            if looks_like_local_path(value):
+                path = Path(value).expanduser()
+                if path.exists() or path.suffix.lower() in MEDIA_SUFFIXES:
+                    return self._file(_local_file(path, where), where)
+            return value
+        if isinstance(value, Mapping):
+            return {str(k): self._value(v, f"{where}[{k!r}]") for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+            return [self._value(v, f"{where}[{i}]") for i, v in enumerate(items)]
+        if is_object_storage_path(value):
+            if not value.is_file():
+                raise SpeedPixInputError(f"{where}: {value} does not exist or is not a file.")
+            return self._file(value, where)
+        if isinstance(value, PurePath):
+            return self._file(_local_file(Path(value).expanduser(), where), where)
+        if is_file_object(value):
+            return self._file(value, where)
+        if isinstance(value, bytes | bytearray | memoryview):
+            raise SpeedPixInputError(
+                f"{where}: raw bytes cannot be sent as JSON. Wrap them in io.BytesIO(...) to send them as a "
+                "file, or decode them to str if they are text."
+            )
+        if isinstance(value, datetime.date | datetime.time):
+            return value.isoformat()
+        raise SpeedPixInputError(
+            f"{where}: {type(value).__name__} is not JSON-serialisable. Convert it to str, int, float, bool, "
+            "list or dict, or pass a path / file object to send a file."
+        )
+
+    def _file(self, source: Any, where: str) -> str:
+        key = (
+            str(source.resolve())
+            if isinstance(source, Path)
+            else (str(source) if not is_file_object(source) else "")
+        )
+        if key and key in self._done:
+            return self._done[key]
+        filename = _filename_of(source)
+        if self._strategy == "base64":
+            if is_file_object(source):
+                result = _data_uri(source, filename, where)
+            else:
+                with source.open("rb") as stream:
+                    result = _data_uri(stream, filename, where)
+        else:
+            result = self._upload(source, filename, where)
+        if key:
+            self._done[key] = result
+        return result
+
+
+def _filename_of(source: Any) -> str:
+    if isinstance(source, PurePath) or is_object_storage_path(source):
+        return source.name
+    name = getattr(source, "name", None)
+    return os.path.basename(name) if isinstance(name, str) and name else "file"
