@@ -107,12 +107,13 @@ class SpeedPixPredictionFailed(SpeedPixError):
 class SpeedPixTimeoutError(SpeedPixError):
     """Waiting for a prediction took longer than allowed. The prediction itself may still be running."""
 
-    def __init__(self, prediction_id: str, *, timeout: float, last_status: str | None = None) -> None:
+    def __init__(self, prediction_id: str, *, timeout: float | None, last_status: str | None = None) -> None:
         self.prediction_id = prediction_id
         self.timeout = timeout
         self.last_status = last_status
+        within = f"within {timeout:g}s" if timeout is not None else "before its deadline"
         super().__init__(
-            f"SpeedPix prediction {prediction_id} did not finish within {timeout:g}s "
-            f"(last status: {last_status or 'unknown'}). It may still be running and billing; "
-            "raise `timeout` or pick it up later with SpeedPixPredictionSensor."
+            f"SpeedPix prediction {prediction_id} did not finish {within} "
+            f"(last status: {last_status or 'unknown'}). It may still be running and billing; a retry of "
+            "this task reconnects to it; raise `timeout` or pick it up later with SpeedPixPredictionSensor."
         )

@@ -1,0 +1,33 @@
+# Everything runs in a project-local virtualenv that these targets create on first use.
+PYTHON ?= python3
+AIRFLOW_VERSION ?= 3.3.2
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(AIRFLOW_VERSION)
+
+.PHONY: venv demo test lint e2e bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "apache-airflow==$(AIRFLOW_VERSION)" -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the example DAG end to end against the bundled emulator and print the saved image's path.
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+## Lint, format check and the whole test suite.
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

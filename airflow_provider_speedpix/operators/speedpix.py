@@ -1,0 +1,288 @@
+"""SpeedPixRunOperator: run a published SpeedPix workflow and keep its outputs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
+
+from airflow.providers.common.compat.sdk import BaseOperator, conf
+
+from airflow_provider_speedpix._inputs import check_strategy
+from airflow_provider_speedpix._protocol import Prediction, iter_output_urls
+from airflow_provider_speedpix.hooks.speedpix import (
+    DEFAULT_POLL_INTERVAL,
+    SpeedPixHook,
+    _safe_filename,
+    check_positive,
+    raise_for_prediction,
+)
+from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger, raise_for_event
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+#: task_state_store key holding the prediction of the current (unfinished) task instance.
+STATE_KEY = "speedpix_prediction"
+DEFAULT_TIMEOUT = 3600.0
+#: The deferral outlives the trigger's own deadline a little, so the trigger's clean event comes first.
+DEFER_GRACE = 60.0
+
+
+def output_files_plan(output: Any, output_dir: Any) -> list[tuple[str, str, Any]]:
+    """``(place, url, destination)`` for every output URL, named after its field: ``images.png``,
+    ``subject_image.png``; list items get an index (``images_0.png``)."""
+    plan = []
+    for where, url in iter_output_urls(output):
+        keys = (
+            [part.strip("'\"") for part in where[len("output[") : -1].split("][")]
+            if where != "output"
+            else []
+        )
+        stem = "_".join(k for k in keys if k != "url") or "output"
+        suffix = PurePosixPath(urlsplit(url).path).suffix[:10]
+        plan.append((where, url, _join(output_dir, _safe_filename(stem + suffix))))
+    return plan
+
+
+def _join(directory: Any, name: str) -> Any:
+    if isinstance(directory, str):
+        if "://" in directory:
+            from airflow.sdk import ObjectStoragePath
+
+            return ObjectStoragePath(directory) / name
+        return Path(directory).expanduser() / name
+    return directory / name
+
+
+class SpeedPixRunOperator(BaseOperator):
+    """Run a published SpeedPix workflow: submit, wait (on the triggerer by default), save the outputs.
+
+    Local files in ``inputs`` are uploaded from the worker before it defers, and outputs are downloaded on
+    the worker after it resumes: the triggerer never needs the worker's disk. The prediction id is kept in
+    ``task_state_store`` (Airflow 3.3+), so a retry reconnects to a running or finished prediction instead
+    of paying for a second one. Returns ``{"prediction_id", "status", "output", "files"}``; the URLs in
+    ``output`` are temporary, ``files`` are the saved copies.
+
+    :param workflow_id: the published workflow's id.
+    :param inputs: the workflow's input fields; local paths, ``Path``, ``ObjectStoragePath`` and file
+        objects are uploaded (or inlined with ``file_encoding_strategy="base64"``). Templated, nested.
+    :param alias_id: version alias (``main`` when neither alias nor version is given).
+    :param version_id: pin a version instead of an alias.
+    :param resource_config_id: dedicated compute; else the connection's, else shared compute.
+    :param randomise_seeds: ask the workflow to randomise its seeds.
+    :param return_temp_files: also return intermediate files (e.g. ``subject_image``, ``mask_image``).
+    :param file_encoding_strategy: ``url`` (upload, default) or ``base64`` (inline, up to 1 MiB per file).
+    :param wait_for_completion: False: submit and return the prediction id at once.
+    :param deferrable: wait on the triggerer (frees the worker slot). Default:
+        ``[operators] default_deferrable``.
+    :param poll_interval: seconds between status polls near the expected end.
+    :param timeout: longest wait for the prediction, seconds per try (``None``: no limit).
+    :param output_dir: local directory or object-storage URI / ``ObjectStoragePath`` to save every output
+        file into (streamed). ``None``: nothing is downloaded.
+    :param speedpix_conn_id: the SpeedPix connection.
+    """
+
+    template_fields: Sequence[str] = (
+        "workflow_id",
+        "inputs",
+        "alias_id",
+        "version_id",
+        "resource_config_id",
+        "output_dir",
+        "speedpix_conn_id",
+    )
+    template_fields_renderers: ClassVar[dict[str, str]] = {"inputs": "json"}
+    ui_color = "#ff9f43"
+
+    def __init__(
+        self,
+        *,
+        workflow_id: str,
+        inputs: dict[str, Any] | None = None,
+        alias_id: str | None = None,
+        version_id: str | None = None,
+        resource_config_id: str | None = None,
+        randomise_seeds: bool | None = None,
+        return_temp_files: bool | None = None,
+        file_encoding_strategy: str = "url",
+        wait_for_completion: bool = True,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        output_dir: Any = None,
+        speedpix_conn_id: str = SpeedPixHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.workflow_id = workflow_id
+        self.inputs = inputs if inputs is not None else {}
+        self.alias_id = alias_id
+        self.version_id = version_id
+        self.resource_config_id = resource_config_id
+        self.randomise_seeds = randomise_seeds
+        self.return_temp_files = return_temp_files
+        self.file_encoding_strategy = check_strategy(file_encoding_strategy)
+        self.wait_for_completion = wait_for_completion
+        self.deferrable = deferrable
+        self.poll_interval = check_positive("poll_interval", poll_interval)
+        self.timeout = None if timeout is None else check_positive("timeout", timeout)
+        self.output_dir = output_dir
+        self.speedpix_conn_id = speedpix_conn_id
+        self._last_progress: tuple[Any, ...] | None = None
+        self._state: dict[str, Any] = {}
+
+    @cached_property
+    def hook(self) -> SpeedPixHook:
+        return SpeedPixHook(speedpix_conn_id=self.speedpix_conn_id)
+
+    # ------------------------------------------------------------------ execute
+    def execute(self, context: Context) -> Any:
+        store = context.get("task_state_store")
+        prediction = self._resume(store)
+        if prediction is None:
+            prediction = self.hook.create_prediction(
+                self.workflow_id,
+                self.inputs,
+                alias_id=self.alias_id,
+                version_id=self.version_id,
+                resource_config_id=self.resource_config_id,
+                randomise_seeds=self.randomise_seeds,
+                return_temp_files=self.return_temp_files,
+                file_encoding_strategy=self.file_encoding_strategy,
+            )
+            self._state = {
+                "prediction_id": prediction.id,
+                "created_at": time.time(),
+                "estimated_duration": prediction.estimated_duration,
+            }
+            if store is not None:
+                store.set(STATE_KEY, self._state)
+            context["ti"].xcom_push(key="prediction_id", value=prediction.id)
+        if not self.wait_for_completion:
+            self._forget(store)
+            return prediction.id
+        if prediction.finished:
+            return self._finish(context, raise_for_prediction(prediction))
+        if self.deferrable:
+            self._defer(prediction)
+        self.log.info(
+            "Waiting for prediction %s in this worker (deferrable=False): the task holds a worker slot "
+            "until it finishes. Use deferrable=True to wait on the triggerer instead.",
+            prediction.id,
+        )
+        finished = self.hook.wait_for_prediction(
+            prediction.id,
+            poll_interval=self.poll_interval,
+            timeout=self.timeout,
+            on_update=self._log_progress,
+        )
+        return self._finish(context, finished)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        """Resume on the worker after the trigger fired: check the event, download, return."""
+        event = raise_for_event(event, timeout=self.timeout)
+        prediction = Prediction(
+            id=event["prediction_id"],
+            status="succeeded",
+            output=event.get("output"),
+            invoke_id=event.get("invoke_id"),
+        )
+        return self._finish(context, prediction)
+
+    # ------------------------------------------------------------------ steps
+    def _resume(self, store: Any) -> Prediction | None:
+        """A retry picks up the prediction of an earlier try instead of paying for a new one."""
+        if store is None:
+            self.log.warning(
+                "task_state_store is not available (Airflow < 3.3): a retry of this task submits a new "
+                "prediction even if an earlier try's prediction is still running."
+            )
+            return None
+        saved = store.get(STATE_KEY)
+        if not isinstance(saved, dict) or not saved.get("prediction_id"):
+            return None
+        self._state = saved
+        prediction = self.hook.get_prediction(saved["prediction_id"])
+        if prediction.status in ("waiting", "running"):
+            self.log.info(
+                "Reconnecting to prediction %s from an earlier try (%s).", prediction.id, prediction.status
+            )
+        elif prediction.succeeded:
+            self.log.info(
+                "Prediction %s from an earlier try already succeeded; not submitting again.", prediction.id
+            )
+        else:
+            self.log.warning(
+                "Prediction %s from an earlier try ended %s (%s); submitting a new one.",
+                prediction.id,
+                prediction.status,
+                prediction.error,
+            )
+            return None
+        prediction.estimated_duration = saved.get("estimated_duration")
+        return prediction
+
+    def _defer(self, prediction: Prediction) -> None:
+        deadline = None if self.timeout is None else time.time() + self.timeout
+        self.log.info(
+            "Deferring: prediction %s is polled by the triggerer; this worker slot is freed.", prediction.id
+        )
+        self.defer(
+            trigger=SpeedPixPredictionTrigger(
+                prediction_id=prediction.id,
+                speedpix_conn_id=self.speedpix_conn_id,
+                poll_interval=self.poll_interval,
+                max_poll_interval=max(self.poll_interval * 12, 60.0),
+                deadline=deadline,
+                created_at=self._state.get("created_at", time.time()),
+                estimated_duration=prediction.estimated_duration,
+            ),
+            method_name="execute_complete",
+            timeout=None if self.timeout is None else timedelta(seconds=self.timeout + DEFER_GRACE),
+        )
+
+    def _finish(self, context: Context, prediction: Prediction) -> dict[str, Any]:
+        files = []
+        if self.output_dir:
+            for where, url, destination in output_files_plan(prediction.output, self.output_dir):
+                saved = self.hook.download(url, destination)
+                self.log.info("Saved %s to %s", where, saved)
+                files.append(str(saved))
+        self._forget(context.get("task_state_store"))
+        return {
+            "prediction_id": prediction.id,
+            "status": prediction.status,
+            "output": prediction.output,
+            "files": files,
+        }
+
+    def _forget(self, store: Any) -> None:
+        """Done: a later clear/re-run of this task must generate anew, not reuse this prediction."""
+        if store is not None:
+            store.delete(STATE_KEY)
+
+    def _log_progress(self, prediction: Prediction) -> None:
+        seen = (prediction.status, int(prediction.progress or 0), prediction.eta_seconds)
+        if seen != self._last_progress and not prediction.finished:
+            self._last_progress = seen
+            self.log.info(
+                "Prediction %s %s: progress %s%%, ETA %ss",
+                prediction.id,
+                seen[0],
+                seen[1],
+                prediction.eta_seconds,
+            )
+
+    def on_kill(self) -> None:
+        """SpeedPix has no cancel call: say so, with the id, so a person can follow up."""
+        prediction_id = self._state.get("prediction_id")
+        self.log.warning(
+            "Task killed. SpeedPix has no cancel API: prediction %s (if it was submitted) keeps running and "
+            "billing until it finishes. A retry of this task reconnects to it.",
+            prediction_id or "(see log above)",
+        )

@@ -1,0 +1,99 @@
+"""SpeedPixPredictionSensor: wait for a prediction that was started elsewhere."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import (
+    AirflowSkipException,
+    BaseSensorOperator,
+    PokeReturnValue,
+    conf,
+)
+
+from airflow_provider_speedpix.exceptions import SpeedPixPredictionFailed
+from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, raise_for_prediction
+from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger, raise_for_event
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+
+class SpeedPixPredictionSensor(BaseSensorOperator):
+    """Wait until a SpeedPix prediction finishes; return its output (the result dict with its URLs).
+
+    Use it for a prediction submitted by ``SpeedPixRunOperator(wait_for_completion=False)`` or by another
+    system. A failed prediction raises :class:`SpeedPixPredictionFailed` with the API's code and message
+    (the task is skipped instead with ``soft_fail=True``). ``timeout`` (the sensor's) bounds the wait.
+
+    :param prediction_id: the prediction to wait for (templated).
+    :param speedpix_conn_id: the SpeedPix connection.
+    :param deferrable: wait on the triggerer instead of poking from a worker. Default:
+        ``[operators] default_deferrable``.
+    """
+
+    template_fields: Sequence[str] = ("prediction_id", "speedpix_conn_id")
+    ui_color = "#ffd3a3"
+
+    def __init__(
+        self,
+        *,
+        prediction_id: str,
+        speedpix_conn_id: str = SpeedPixHook.default_conn_name,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("poke_interval", 5.0)
+        super().__init__(**kwargs)
+        self.prediction_id = prediction_id
+        self.speedpix_conn_id = speedpix_conn_id
+        self.deferrable = deferrable
+
+    @cached_property
+    def hook(self) -> SpeedPixHook:
+        return SpeedPixHook(speedpix_conn_id=self.speedpix_conn_id)
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        result = self.poke(context)
+        if result:
+            return result.xcom_value if isinstance(result, PokeReturnValue) else None
+        self.defer(
+            trigger=SpeedPixPredictionTrigger(
+                prediction_id=self.prediction_id,
+                speedpix_conn_id=self.speedpix_conn_id,
+                poll_interval=float(self.poke_interval),
+                max_poll_interval=max(float(self.poke_interval) * 12, 60.0),
+                deadline=time.time() + float(self.timeout),
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=float(self.timeout) + 60),
+        )
+
+    def poke(self, context: Context) -> PokeReturnValue | bool:
+        prediction = self.hook.get_prediction(self.prediction_id)
+        if not prediction.finished:
+            self.log.info(
+                "Prediction %s %s: progress %s%%, ETA %ss",
+                prediction.id,
+                prediction.status,
+                int(prediction.progress or 0),
+                prediction.eta_seconds,
+            )
+            return False
+        try:
+            raise_for_prediction(prediction)
+        except SpeedPixPredictionFailed as err:
+            if self.soft_fail:
+                raise AirflowSkipException(str(err)) from err
+            raise
+        return PokeReturnValue(is_done=True, xcom_value=prediction.output)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        """Resume after the trigger fired; ``soft_fail`` is applied by the sensor base class."""
+        return raise_for_event(event, timeout=float(self.timeout)).get("output")
