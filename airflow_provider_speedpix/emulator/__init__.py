@@ -1,0 +1,24 @@
+"""Local SpeedPix emulator: API Gateway digest auth + SpeedPix backend + object storage, with faults.
+
+``python -m airflow_provider_speedpix.emulator`` (or ``speedpix-emulator``) runs it standalone;
+:class:`EmulatorServer` runs it in a background thread for tests.
+"""
+
+from .app import GATEWAY_ERRORS, EmulatorConfig, create_app
+from .faults import AFTER_KINDS, BEFORE_KINDS, KINDS, OPERATIONS, Fault
+from .png import make_png, parse_png
+from .server import EmulatorServer
+
+__all__ = [
+    "AFTER_KINDS",
+    "BEFORE_KINDS",
+    "GATEWAY_ERRORS",
+    "KINDS",
+    "OPERATIONS",
+    "EmulatorConfig",
+    "EmulatorServer",
+    "Fault",
+    "create_app",
+    "make_png",
+    "parse_png",
+]
