@@ -1,17 +1,97 @@
-"""Test session setup: an isolated AIRFLOW_HOME on SQLite, and the in-process emulator fixtures."""
+"""Test session setup: an isolated AIRFLOW_HOME on SQLite, the emulator fixtures, DAG-running helpers."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
+import uuid
+from pathlib import Path
 
-# Before anything imports airflow: a throwaway home and database for this test session.
-_HOME = tempfile.mkdtemp(prefix="speedpix-airflow-home-")
-os.environ.setdefault("AIRFLOW_HOME", _HOME)
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
-os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{_HOME}/airflow.db")
-for _name in ("SPEEDPIX_APP_KEY", "SPEEDPIX_APP_SECRET", "SPEEDPIX_ENDPOINT"):
+import pytest
+
+# Before anything imports airflow: a throwaway home, database and dags folder for this test session.
+_HOME = Path(tempfile.mkdtemp(prefix="speedpix-airflow-home-"))
+DAGS_FOLDER = _HOME / "dags"
+DAGS_FOLDER.mkdir()
+os.environ["AIRFLOW_HOME"] = str(_HOME)
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_HOME}/airflow.db"
+for _name in (
+    "SPEEDPIX_APP_KEY",
+    "SPEEDPIX_APP_SECRET",
+    "SPEEDPIX_ENDPOINT",
+    "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
+):
     os.environ.pop(_name, None)
 
+ROOT = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.emulator_fixture"]
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite metadata database for ``dag.test()`` (once per session)."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=os.environ,
+    )
+    return _HOME
+
+
+@pytest.fixture
+def speedpix_conn(emulator, monkeypatch):
+    """Point ``speedpix_default`` at the in-process emulator, with fast retries."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "speedpix",
+                "host": emulator.url,
+                "login": emulator.app_key,
+                "password": emulator.app_secret,
+                "extra": {"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 2, "timeout": 5},
+            }
+        ),
+    )
+    return emulator
+
+
+@pytest.fixture
+def run_dag(airflow_db, speedpix_conn):
+    """``run_dag(body) -> DagRun``: write a DAG file into the session dags folder and ``dag.test()`` it.
+
+    ``body`` is the DAG's code using ``dag_id`` (filled in, unique per call) and whatever it imports.
+    """
+    import importlib.util
+
+    def run(body: str, *, conf: dict | None = None):
+        dag_id = f"t_{uuid.uuid4().hex[:12]}"
+        path = DAGS_FOLDER / f"{dag_id}.py"
+        path.write_text(textwrap.dedent(body).replace("DAG_ID", dag_id))
+        spec = importlib.util.spec_from_file_location(dag_id, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            return module.dag.test(run_conf=conf)
+        finally:
+            path.unlink()
+
+    return run
+
+
+@pytest.fixture
+def example_dags_folder(airflow_db):
+    """Copy ``dags_examples/`` into the session dags folder; yields the copy's path."""
+    target = DAGS_FOLDER / "examples"
+    shutil.copytree(ROOT / "dags_examples", target, dirs_exist_ok=True)
+    yield target
+    shutil.rmtree(target, ignore_errors=True)

@@ -1,0 +1,242 @@
+"""SpeedPixRunOperator through Airflow (``dag.test()``) against the emulator over real HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_speedpix.exceptions import SpeedPixConfigError
+from airflow_provider_speedpix.operators.speedpix import SpeedPixRunOperator, output_files_plan
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+HEADER = """
+from datetime import timedelta
+import pendulum
+from airflow.sdk import DAG
+from airflow_provider_speedpix.operators.speedpix import SpeedPixRunOperator
+dag = DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
+"""
+
+
+def ti_of(dag_run, task_id: str):
+    [ti] = [ti for ti in dag_run.get_task_instances() if ti.task_id == task_id]
+    return ti
+
+
+def xcom(dag_run, task_id: str, key: str = "return_value"):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = (
+            session.query(XComModel)
+            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key=key)
+            .one_or_none()
+        )
+        return None if row is None else XComModel.deserialize_value(row)
+
+
+def image(tmp_path):
+    from airflow_provider_speedpix.emulator.png import make_png
+
+    path = tmp_path / "商品 photo.png"
+    path.write_bytes(make_png(16, 16))
+    return path
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_run_saves_outputs_and_returns_xcom(run_dag, speedpix_conn, tmp_path, deferrable):
+    src = image(tmp_path)
+    out = tmp_path / "out"
+    dr = run_dag(
+        HEADER
+        + f"""
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", deferrable={deferrable},
+    inputs={{"text": "白色背景 {{{{ dag_run.run_id }}}}", "image": {str(src)!r}, "nested": [{{"mask": {str(src)!r}}}]}},
+    return_temp_files=True, poll_interval=0.2, timeout=60, output_dir={str(out)!r})
+"""
+    )
+    assert dr.state == "success"
+    result = xcom(dr, "run")
+    assert set(result) == {"prediction_id", "status", "output", "files"}
+    assert result["status"] == "succeeded"
+    assert result["output"]["images"]["url"].startswith(speedpix_conn.url)
+    names = sorted(p.split("/")[-1] for p in result["files"])
+    assert names == ["images.png", "mask_image.png", "subject_image.png"]
+    for path in result["files"]:
+        assert Path(path).read_bytes()[:8] == PNG_MAGIC
+    assert xcom(dr, "run", "prediction_id") == result["prediction_id"]
+    calls = speedpix_conn.stats()["calls"]
+    assert calls["comfy_prompt"] == 1
+    assert calls["upload_put"] == 1  # the same file twice in inputs is uploaded once
+    # the rendered template reached the API; files did not need the triggerer's disk
+    assert calls["file_get"] == 3
+
+
+def test_wait_for_completion_false_returns_id_at_once(run_dag, speedpix_conn):
+    dr = run_dag(
+        HEADER
+        + """
+SpeedPixRunOperator(task_id="submit", dag=dag, workflow_id="sleep-30", inputs={"text": "x"},
+    wait_for_completion=False)
+"""
+    )
+    assert dr.state == "success"
+    prediction_id = xcom(dr, "submit")
+    assert isinstance(prediction_id, str) and prediction_id
+    calls = speedpix_conn.stats()["calls"]
+    assert calls["comfy_prompt"] == 1 and calls["comfy_get_result"] == 0
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_failed_workflow_fails_task_with_code_and_message(run_dag, speedpix_conn, deferrable, capsys):
+    dr = run_dag(
+        HEADER
+        + f"""
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-fail", inputs={{"text": "x"}},
+    deferrable={deferrable}, poll_interval=0.2, timeout=60)
+"""
+    )
+    assert dr.state == "failed"
+    assert ti_of(dr, "run").state == "failed"
+    text = capsys.readouterr().out
+    assert "SpeedPixPredictionFailed" in text
+    assert "WORKFLOW_EXECUTION_FAILED" in text or "failed [" in text
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_timeout_fails_task_naming_prediction(run_dag, speedpix_conn, deferrable, capsys):
+    dr = run_dag(
+        HEADER
+        + f"""
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="sleep-30", inputs={{"text": "x"}},
+    deferrable={deferrable}, poll_interval=0.2, timeout=1)
+"""
+    )
+    assert dr.state == "failed"
+    assert "did not finish" in capsys.readouterr().out
+    assert speedpix_conn.calls("comfy_prompt") == 1
+
+
+# ---------------------------------------------------------------------- crash-safe resubmission
+def test_retry_after_download_failure_does_not_resubmit(run_dag, speedpix_conn, tmp_path):
+    """The prediction succeeded but saving its output failed: the retry downloads, never re-creates."""
+    speedpix_conn.inject("file_get", "500", times=2)  # retry_limit=2 in the connection: try 1 fails
+    dr = run_dag(
+        HEADER
+        + f"""
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={{"text": "x"}},
+    deferrable=True, poll_interval=0.2, timeout=60, output_dir={str(tmp_path / "out")!r},
+    retries=1, retry_delay=timedelta(seconds=0))
+"""
+    )
+    assert dr.state == "success"
+    ti = ti_of(dr, "run")
+    assert ti.try_number == 2
+    assert speedpix_conn.calls("comfy_prompt") == 1
+    assert (tmp_path / "out" / "images.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_worker_interrupted_while_waiting_reconnects(run_dag, speedpix_conn):
+    """A non-deferrable wait dies mid-poll (as when the worker is lost): the retry waits on the same one."""
+    speedpix_conn.inject("comfy_get_progress", "reset", times=2)  # both attempts of one poll: try 1 dies
+    dr = run_dag(
+        HEADER
+        + """
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="sleep-2", inputs={"text": "x"},
+    deferrable=False, poll_interval=0.2, timeout=60, retries=1, retry_delay=timedelta(seconds=0))
+"""
+    )
+    assert dr.state == "success"
+    assert ti_of(dr, "run").try_number == 2
+    assert speedpix_conn.calls("comfy_prompt") == 1
+
+
+def test_trigger_timeout_then_retry_reconnects(run_dag, speedpix_conn, capsys):
+    dr = run_dag(
+        HEADER
+        + """
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="sleep-3", inputs={"text": "x"},
+    deferrable=True, poll_interval=0.2, timeout=1, retries=2, retry_delay=timedelta(seconds=0))
+"""
+    )
+    assert dr.state == "success"
+    assert ti_of(dr, "run").try_number >= 2
+    assert speedpix_conn.calls("comfy_prompt") == 1
+    assert "from an earlier try" in capsys.readouterr().out
+
+
+def test_failed_prediction_is_resubmitted_on_retry(run_dag, speedpix_conn):
+    dr = run_dag(
+        HEADER
+        + """
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-fail", inputs={"text": "x"},
+    deferrable=True, poll_interval=0.2, retries=1, retry_delay=timedelta(seconds=0))
+"""
+    )
+    assert dr.state == "failed"
+    assert speedpix_conn.calls("comfy_prompt") == 2  # a failed prediction is not reused
+
+
+def stored_state(dag_run):
+    from airflow.models.task_state_store import TaskStateStoreModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(TaskStateStoreModel).filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id).all()
+        )
+        return {row.key: row.value for row in rows}
+
+
+def test_state_is_kept_while_unfinished_and_forgotten_after_success(run_dag, speedpix_conn):
+    """Retries reuse the stored id; once outputs are saved it is deleted, so a cleared task generates anew."""
+    body = (
+        HEADER
+        + """
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="WORKFLOW", inputs={"text": "x"}, deferrable=True,
+    poll_interval=0.2)
+"""
+    )
+    failed = run_dag(body.replace("WORKFLOW", "wf-fail"))
+    assert failed.state == "failed"
+    assert "speedpix_prediction" in stored_state(failed)  # proves the store is written at all
+    succeeded = run_dag(body.replace("WORKFLOW", "wf-white"))
+    assert succeeded.state == "success"
+    assert "speedpix_prediction" not in stored_state(succeeded)
+
+
+# ---------------------------------------------------------------------- validation and helpers
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"poll_interval": 0}, "poll_interval"),
+        ({"timeout": -1}, "timeout"),
+        ({"file_encoding_strategy": "zip"}, "file_encoding_strategy"),
+    ],
+)
+def test_bad_arguments_fail_at_dag_parse_time(kwargs, message):
+    with pytest.raises(SpeedPixConfigError, match=message):
+        SpeedPixRunOperator(task_id="t", workflow_id="wf", **kwargs)
+
+
+def test_template_fields_cover_what_authors_template():
+    assert {"workflow_id", "inputs", "alias_id", "version_id", "resource_config_id", "output_dir"} <= set(
+        SpeedPixRunOperator.template_fields
+    )
+
+
+def test_output_files_plan_names_files_after_fields(tmp_path):
+    output = {
+        "images": {"url": "http://h/a/out.png"},
+        "subject_image": {"url": "http://h/b/s.png?Expires=1&Signature=x"},
+        "gallery": ["http://h/c/1.jpg", "http://h/c/2.jpg"],
+        "note": "not a url",
+    }
+    plan = output_files_plan(output, str(tmp_path))
+    assert [p[2].name for p in plan] == ["images.png", "subject_image.png", "gallery_0.jpg", "gallery_1.jpg"]
+    assert all(p[2].parent == tmp_path for p in plan)
+    plan = output_files_plan({"../../evil": {"url": "http://h/x.png"}}, str(tmp_path))
+    assert plan[0][2].parent == tmp_path
