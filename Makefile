@@ -31,3 +31,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+
+## End-to-end suite: a real Airflow deployment (scheduler, triggerer, dag-processor, api-server) on loopback.
+e2e: $(STAMP)
+	$(BIN)/python -m pytest -m e2e tests/e2e -q -p no:cacheprovider
+
+## Benchmarks B1, B3-B5 (about 25 min; `make bench BENCH_ARGS=--quick` for a 2-minute check).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)

@@ -9,13 +9,14 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import (
+    AirflowSensorTimeout,
     AirflowSkipException,
     BaseSensorOperator,
     PokeReturnValue,
     conf,
 )
 
-from airflow_provider_speedpix.exceptions import SpeedPixPredictionFailed
+from airflow_provider_speedpix.exceptions import SpeedPixPredictionFailed, SpeedPixTimeoutError
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, raise_for_prediction
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger, raise_for_event
 
@@ -96,4 +97,8 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
         """Resume after the trigger fired; ``soft_fail`` is applied by the sensor base class."""
-        return raise_for_event(event, timeout=float(self.timeout)).get("output")
+        try:
+            return raise_for_event(event, timeout=float(self.timeout)).get("output")
+        except SpeedPixTimeoutError as err:
+            # as in poke mode: a timed-out sensor fails for good; a retry would restart the whole wait
+            raise AirflowSensorTimeout(str(err)) from err

@@ -1,0 +1,187 @@
+"""B4 adaptive polling: status calls per prediction and detection latency, adaptive vs fixed interval.
+
+Predictions of varied durations (``sleep-<s>`` workflows) are waited for with the real
+``SpeedPixPredictionTrigger.run()`` (``created_at`` and ``estimated_duration`` from the create answer,
+exactly as the operator passes them; ``poll_interval`` and ``max_poll_interval`` as the operator's
+defaults, 2 s and 60 s).
+
+* ``adaptive`` - the provider as shipped (``_polling.next_poll_delay``).
+* ``fixed``    - baseline: ``next_poll_delay`` in the trigger module is monkeypatched to return
+  ``poll_interval`` always, i.e. the usual fixed-interval loop.
+
+Both variants run concurrently in ONE event loop (the patched function dispatches on a context variable
+set per trigger task), so they see the same machine noise and the total runtime is about the longest
+duration. Each duration gets a random fraction of the poll interval added (seeded; the same for both
+variants). Detection latency = time the trigger yields its event - (create time + duration).
+Status calls = ``comfy_get_progress`` calls made by that trigger (each trigger also makes one
+``comfy_get_result`` call at the end, the same for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+BENCH = "B4 adaptive polling"
+VARIANTS = ("fixed", "adaptive")
+
+
+async def _run(args: argparse.Namespace, emu: c.Emulator) -> dict[str, list[dict]]:
+    import airflow_provider_speedpix.triggers.speedpix as trig_mod
+    from airflow_provider_speedpix._polling import next_poll_delay
+    from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
+    from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
+
+    variant_var: contextvars.ContextVar[str] = contextvars.ContextVar("variant")
+    calls_var: contextvars.ContextVar[list[int]] = contextvars.ContextVar("calls")
+
+    def dispatch(prediction, *, poll_interval, max_interval, elapsed=None):
+        if variant_var.get() == "fixed":
+            return poll_interval
+        return next_poll_delay(
+            prediction, poll_interval=poll_interval, max_interval=max_interval, elapsed=elapsed
+        )
+
+    trig_mod.next_poll_delay = dispatch  # type: ignore[assignment]
+    original_get = SpeedPixHook.aget_prediction
+
+    async def counted_get(self, prediction_id: str):
+        calls_var.get()[0] += 1
+        return await original_get(self, prediction_id)
+
+    SpeedPixHook.aget_prediction = counted_get  # type: ignore[method-assign]
+
+    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+
+    async def one(variant: str, nominal: float, duration: float) -> None:
+        variant_var.set(variant)
+        calls_var.set(counter := [0])
+        [(prediction_id, estimate, created_at)] = await c.acreate_predictions(
+            emu.url, f"sleep-{duration:g}", 1, concurrency=1
+        )
+        trigger = SpeedPixPredictionTrigger(
+            prediction_id,
+            poll_interval=args.poll_interval,
+            max_poll_interval=args.max_poll_interval,
+            created_at=created_at,
+            estimated_duration=estimate,
+        )
+        async for event in trigger.run():
+            detected = time.time()
+            results[variant].append(
+                {
+                    "duration": nominal,
+                    "status": event.payload["status"],
+                    "status_calls": counter[0],
+                    "latency": detected - (created_at + duration),
+                }
+            )
+            break
+
+    # Real durations are not multiples of the poll interval: add a random fraction of it (seeded, and the
+    # same for both variants) so the fixed loop is not lucky enough to poll exactly at every finish.
+    rng = random.Random(args.seed)
+    jobs = []
+    for _ in range(args.repeat):
+        for d in args.durations:
+            actual = round(d + rng.uniform(0, args.poll_interval), 2)
+            jobs += [one(variant, d, actual) for variant in VARIANTS]
+    await asyncio.wait_for(asyncio.gather(*jobs), timeout=max(args.durations) + 120)
+    return results
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    with c.Emulator() as emu:
+        c.setup_env(emu.url)
+        results = asyncio.run(_run(args, emu))
+        stats = emu.stats()
+    summary = {}
+    for variant, items in results.items():
+        bad = [i for i in items if i["status"] != "success"]
+        if bad:
+            raise RuntimeError(f"{variant}: {len(bad)} triggers did not succeed: {bad[:3]}")
+        calls = [i["status_calls"] for i in items]
+        latencies = [i["latency"] for i in items]
+        summary[variant] = {
+            "calls_per_prediction": sum(calls) / len(calls),
+            "latency_p50": c.percentile(latencies, 50),
+            "latency_p95": c.percentile(latencies, 95),
+            "latency_max": max(latencies),
+            "by_duration": {
+                f"{d:g}": sum(i["status_calls"] for i in items if i["duration"] == d)
+                / sum(1 for i in items if i["duration"] == d)
+                for d in args.durations
+            },
+        }
+    print(f"# B4: {json.dumps(summary)}", file=sys.stderr, flush=True)
+    client_total = sum(i["status_calls"] for items in results.values() for i in items)
+    server_total = stats["calls"]["comfy_get_progress"]
+    n = f"{len(args.durations) * args.repeat} x {args.durations[0]:g}-{max(args.durations):g}s"
+    base, ours = summary["fixed"], summary["adaptive"]
+    per_d = ", ".join(
+        f"{d}s: {ours['by_duration'][d]:.1f} vs {base['by_duration'][d]:.1f}" for d in ours["by_duration"]
+    )
+    label, base_label = "adaptive", f"fixed {args.poll_interval:g}s"
+    return [
+        c.row(
+            BENCH,
+            label,
+            "status calls per prediction",
+            ours["calls_per_prediction"],
+            baseline=base["calls_per_prediction"],
+            baseline_variant=base_label,
+            n=n,
+            note=f"per duration {per_d}; emulator counted {server_total} progress calls, triggers {client_total}",
+        ),
+        c.row(
+            BENCH,
+            label,
+            "detection latency p95 (s)",
+            ours["latency_p95"],
+            baseline=base["latency_p95"],
+            baseline_variant=base_label,
+            n=n,
+        ),
+        c.row(
+            BENCH,
+            label,
+            "detection latency p50 (s)",
+            ours["latency_p50"],
+            baseline=base["latency_p50"],
+            baseline_variant=base_label,
+            n=n,
+        ),
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--durations", default="2,5,10,20,40,80,120", help="seconds, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="predictions per duration and variant")
+    parser.add_argument("--poll-interval", type=float, default=2.0)
+    parser.add_argument("--max-poll-interval", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args(argv)
+    args.durations = [float(d) for d in str(args.durations).split(",") if d.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    c.emit(run(args), json_out=args.json_out, title=BENCH)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

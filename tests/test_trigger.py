@@ -1,0 +1,549 @@
+"""SpeedPixPredictionTrigger: ``run()`` driven directly with asyncio against the emulator (no Airflow DB)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+
+from airflow_provider_speedpix._protocol import Prediction
+from airflow_provider_speedpix.exceptions import (
+    SpeedPixError,
+    SpeedPixPredictionFailed,
+    SpeedPixTimeoutError,
+)
+from airflow_provider_speedpix.hooks import speedpix as hook_module
+from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
+from airflow_provider_speedpix.triggers import speedpix as trigger_module
+from airflow_provider_speedpix.triggers.speedpix import (
+    SpeedPixPredictionTrigger,
+    prediction_event,
+    raise_for_event,
+)
+
+CLASSPATH = "airflow_provider_speedpix.triggers.speedpix.SpeedPixPredictionTrigger"
+
+
+async def collect(trigger: SpeedPixPredictionTrigger, limit: float = 30.0) -> list[dict[str, Any]]:
+    """Run the generator to its end (bounded): a trigger that keeps going after its event fails here."""
+
+    async def drain() -> list[dict[str, Any]]:
+        return [event.payload async for event in trigger.run()]
+
+    return await asyncio.wait_for(drain(), timeout=limit)
+
+
+def run_trigger(trigger: SpeedPixPredictionTrigger, limit: float = 30.0) -> dict[str, Any]:
+    """The one event the trigger yields (asserts there is exactly one and the generator ended)."""
+    events = asyncio.run(collect(trigger, limit))
+    assert len(events) == 1, events
+    return events[0]
+
+
+def create(workflow_id: str = "sleep-1") -> Prediction:
+    return SpeedPixHook().create_prediction(workflow_id, {"text": "x"})
+
+
+def rebuild(trigger: SpeedPixPredictionTrigger) -> SpeedPixPredictionTrigger:
+    """What a triggerer does after a restart: import the classpath, call it with the stored kwargs."""
+    from airflow.models.trigger import Trigger
+    from airflow.sdk._shared.module_loading import import_string
+
+    classpath, kwargs = trigger.serialize()
+    stored = Trigger._decrypt_kwargs(Trigger.encrypt_kwargs(kwargs))  # the metadata DB round trip
+    return import_string(classpath)(**stored)
+
+
+# ---------------------------------------------------------------------- serialization
+def test_serialize_round_trip_plain_json_without_secret(speedpix_conn):
+    before = time.time()
+    trigger = SpeedPixPredictionTrigger(
+        prediction_id="p-123",
+        speedpix_conn_id="speedpix_default",
+        poll_interval=0.5,
+        max_poll_interval=7.0,
+        deadline=time.time() + 600,
+        created_at=before,
+        estimated_duration=12.0,
+        max_consecutive_errors=4,
+    )
+    classpath, kwargs = trigger.serialize()
+    assert classpath == CLASSPATH
+    text = json.dumps(kwargs)  # plain JSON types only
+    assert json.loads(text) == kwargs
+    assert speedpix_conn.app_secret not in text
+    assert speedpix_conn.app_key not in text
+    assert kwargs["prediction_id"] == "p-123"
+    # an absolute wall-clock time (survives a restart), not a duration or a monotonic reading
+    assert isinstance(kwargs["deadline"], float)
+    assert before + 599 < kwargs["deadline"] < time.time() + 601
+
+    again = rebuild(trigger)
+    assert type(again) is SpeedPixPredictionTrigger
+    assert again.serialize() == (classpath, kwargs)
+
+
+def test_kwargs_survive_airflow_setting_its_own_attributes():
+    trigger = SpeedPixPredictionTrigger(prediction_id="p-1")
+    # the triggerer sets these on every instance; they must not clobber what we poll
+    trigger.task_id = "sensor"
+    trigger.trigger_id = 42
+    assert trigger.serialize()[1]["prediction_id"] == "p-1"
+    assert trigger.prediction_id == "p-1"
+
+
+# ---------------------------------------------------------------------- terminal events
+def test_success_event_once_with_output(speedpix_conn):
+    prediction = create("sleep-1")
+    event = run_trigger(SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1))
+    assert event["status"] == "success"
+    assert event["prediction_id"] == prediction.id
+    assert event["prediction_status"] == "succeeded"
+    assert event["output"]["images"]["url"].startswith(speedpix_conn.url)
+    json.dumps(event)  # the event crosses processes as JSON
+    assert raise_for_event(event) is event
+    calls = speedpix_conn.stats()["calls"]
+    assert calls["comfy_get_result"] == 1  # fetched once, on the terminal poll only
+    assert calls["comfy_prompt"] == 1
+
+
+def test_failed_event_carries_code_and_message(speedpix_conn):
+    prediction = create("wf-fail")
+    event = run_trigger(SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1))
+    assert event["status"] == "failed"
+    assert event["prediction_id"] == prediction.id
+    assert event["error_code"] == "WORKFLOW_EXECUTION_FAILED"
+    assert "KSampler" in event["message"]
+    assert event["output"] is None
+    with pytest.raises(SpeedPixPredictionFailed) as info:
+        raise_for_event(event)
+    assert info.value.error_code == "WORKFLOW_EXECUTION_FAILED"
+
+
+def test_deadline_in_the_past_times_out_after_one_poll(speedpix_conn):
+    prediction = create("sleep-30")
+    event = run_trigger(
+        SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1, deadline=time.time() - 1), limit=5
+    )
+    assert event["status"] == "timeout"
+    assert event["prediction_id"] == prediction.id
+    assert event["prediction_status"] == "waiting"
+    assert speedpix_conn.calls("comfy_get_progress") == 1
+
+
+def test_short_deadline_times_out_on_time(speedpix_conn):
+    prediction = create("sleep-30")
+    started = time.monotonic()
+    event = run_trigger(
+        SpeedPixPredictionTrigger(prediction.id, poll_interval=0.2, deadline=time.time() + 1.0), limit=10
+    )
+    took = time.monotonic() - started
+    assert event["status"] == "timeout"
+    assert event["prediction_status"] in ("waiting", "running")
+    assert prediction.id in event["message"]
+    assert 0.9 <= took < 4.0
+
+
+def test_finished_prediction_wins_over_a_passed_deadline(speedpix_conn):
+    prediction = create("sleep-0.2")
+    time.sleep(0.4)  # setup only: let the emulated task finish before the trigger starts
+    event = run_trigger(SpeedPixPredictionTrigger(prediction.id, deadline=time.time() - 10), limit=5)
+    assert event["status"] == "success"
+
+
+def test_wrong_secret_is_one_error_event_without_retries(speedpix_conn, monkeypatch):
+    prediction = create("sleep-1")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "speedpix",
+                "host": speedpix_conn.url,
+                "login": speedpix_conn.app_key,
+                "password": "not-the-secret",
+                "extra": {"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 3},
+            }
+        ),
+    )
+    event = run_trigger(SpeedPixPredictionTrigger(prediction.id, poll_interval=0.05), limit=10)
+    assert event["status"] == "error"
+    assert event["prediction_id"] == prediction.id
+    assert "App Secret" in event["message"]
+    assert "not-the-secret" not in json.dumps(event)
+    assert sum(speedpix_conn.stats()["rejected"].values()) == 1  # not retried: auth is not transient
+    with pytest.raises(SpeedPixError, match="App Secret"):
+        raise_for_event(event)
+
+
+def test_unknown_prediction_is_one_error_event(speedpix_conn):
+    event = run_trigger(SpeedPixPredictionTrigger("no-such-task", poll_interval=0.05), limit=10)
+    assert event["status"] == "error"
+    assert event["prediction_id"] == "no-such-task"
+    assert "not found" in event["message"]
+    assert event["error_code"]
+    assert speedpix_conn.calls("comfy_get_progress") == 1
+
+
+def test_missing_connection_and_env_is_an_error_event(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", raising=False)
+    event = run_trigger(SpeedPixPredictionTrigger("p-1", speedpix_conn_id="speedpix_nowhere"), limit=10)
+    assert event["status"] == "error"
+    assert "speedpix_nowhere" in event["message"]
+
+
+# ---------------------------------------------------------------------- transient errors
+@pytest.mark.parametrize("kind", ["503", "reset", "malformed"])
+def test_transient_poll_errors_are_sat_out(speedpix_conn, kind):
+    prediction = create("sleep-0.5")
+    # retry_limit=2 in the connection: 6 faults = 3 failed trigger polls, each already retried by the hook
+    speedpix_conn.inject("comfy_get_progress", kind, times=6)
+    event = run_trigger(
+        SpeedPixPredictionTrigger(prediction.id, poll_interval=0.05, max_consecutive_errors=4), limit=20
+    )
+    assert event["status"] == "success"
+    assert speedpix_conn.stats()["faults_fired"]["comfy_get_progress"][kind] == 6
+    assert speedpix_conn.calls("comfy_get_progress") >= 7
+
+
+def test_consecutive_errors_exhausted_gives_one_error_event(speedpix_conn):
+    prediction = create("sleep-1")
+    speedpix_conn.inject("comfy_get_progress", "503", times=100)
+    event = run_trigger(
+        SpeedPixPredictionTrigger(
+            prediction.id, poll_interval=0.01, max_poll_interval=0.02, max_consecutive_errors=3
+        ),
+        limit=20,
+    )
+    assert event["status"] == "error"
+    assert "3 failed polls" in event["message"]
+    assert speedpix_conn.calls("comfy_get_progress") == 3 * 2  # 3 trigger polls x retry_limit 2
+    with pytest.raises(SpeedPixError, match="3 failed polls"):
+        raise_for_event(event)
+
+
+def test_transient_errors_until_the_deadline_give_timeout_not_error(speedpix_conn):
+    prediction = create("sleep-30")
+    speedpix_conn.inject("comfy_get_progress", "503", times=1000)
+    event = run_trigger(
+        SpeedPixPredictionTrigger(
+            prediction.id, poll_interval=0.1, max_consecutive_errors=1000, deadline=time.time() + 1.0
+        ),
+        limit=10,
+    )
+    assert event["status"] == "timeout"
+    assert event["prediction_status"] is None
+
+
+# ---------------------------------------------------------------------- scripted (no network, no sleeping)
+class Script:
+    """Replace ``aget_prediction`` with a scripted sequence, and the trigger's clock and ``asyncio.sleep``
+    with a fake clock that sleeping advances (no real waiting)."""
+
+    def __init__(self, monkeypatch, steps: list[Any]) -> None:
+        self.steps = list(steps)
+        self.sleeps: list[float] = []
+        self.polls = 0
+        self.now = time.time()
+        script = self
+
+        async def aget_prediction(hook, prediction_id):
+            script.polls += 1
+            step = script.steps.pop(0)
+            if isinstance(step, BaseException):
+                raise step
+            return step
+
+        async def fake_sleep(delay, result=None):
+            script.sleeps.append(delay)
+            script.now += delay
+
+        monkeypatch.setattr(SpeedPixHook, "aget_prediction", aget_prediction)
+        # only the trigger module's view of them: the event loop and everything else keep the real ones
+        monkeypatch.setattr(trigger_module, "asyncio", SimpleNamespace(sleep=fake_sleep))
+        monkeypatch.setattr(trigger_module, "time", SimpleNamespace(time=lambda: script.now))
+
+
+def running(progress: float, eta: float | None = 5, status: str = "running") -> Prediction:
+    return Prediction(id="p-1", status=status, progress=progress, eta_seconds=eta)
+
+
+def test_progress_is_logged_only_when_it_changes(monkeypatch, capsys):
+    done = Prediction(id="p-1", status="succeeded", progress=100, output={"images": {"url": "u"}})
+    steps = [
+        running(0, status="waiting"),
+        running(0, status="waiting"),
+        running(0.4, status="waiting"),  # same whole percent
+        running(10),
+        running(10.2),
+        running(10.7),
+        running(50),
+        running(50),
+        done,
+    ]
+    script = Script(monkeypatch, steps)
+    capsys.readouterr()
+    event = run_trigger(SpeedPixPredictionTrigger("p-1", poll_interval=1.0))
+    assert event["status"] == "success"
+    assert script.polls == 9
+    assert len(script.sleeps) == 8
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "Prediction p-1 " in line]
+    assert len(lines) == 3, lines
+    assert "waiting: progress 0%" in lines[0]
+    assert "running: progress 10%" in lines[1]
+    assert "running: progress 50%" in lines[2]
+
+
+def test_error_backoff_doubles_caps_and_resets_after_a_good_poll(monkeypatch):
+    from airflow_provider_speedpix.exceptions import SpeedPixServerError
+
+    def boom() -> SpeedPixServerError:
+        return SpeedPixServerError("HTTP 503", operation="comfy_get_progress", status_code=503)
+
+    done = Prediction(id="p-1", status="succeeded", output={})
+    steps = [boom(), boom(), boom(), boom(), running(50, eta=None), boom(), done]
+    script = Script(monkeypatch, steps)
+    event = run_trigger(
+        SpeedPixPredictionTrigger("p-1", poll_interval=1.0, max_poll_interval=5.0, max_consecutive_errors=5)
+    )
+    assert event["status"] == "success"
+    # 1, 2, 4, then capped at 5; a good poll resets the count (so the last error waits 1 again)
+    assert script.sleeps == [1.0, 2.0, 4.0, 5.0, 1.0, 1.0]
+
+
+def test_sleeps_never_overshoot_the_deadline(monkeypatch):
+    steps = [running(5, eta=600), running(6, eta=600)]
+    script = Script(monkeypatch, steps)
+    deadline = script.now + 3.0
+    event = run_trigger(
+        SpeedPixPredictionTrigger("p-1", poll_interval=1.0, max_poll_interval=60.0, deadline=deadline)
+    )
+    # far from the end a 60 s sleep would be due; the deadline (3 s away) bounds it, and the poll at the
+    # deadline ends it
+    assert script.sleeps == [pytest.approx(3.0)]
+    assert script.polls == 2
+    assert event["status"] == "timeout"
+    assert event["prediction_status"] == "running"
+
+
+# ---------------------------------------------------------------------- restart
+def test_restart_rebuilds_from_kwargs_and_does_not_resubmit(speedpix_conn, monkeypatch):
+    prediction = create("sleep-1.5")
+    trigger = SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1, deadline=time.time() + 60)
+    original = SpeedPixHook.aget_prediction
+    first_poll = None
+
+    async def spy(hook, prediction_id):
+        result = await original(hook, prediction_id)
+        first_poll.set()
+        return result
+
+    monkeypatch.setattr(SpeedPixHook, "aget_prediction", spy)
+
+    async def die_after_first_poll() -> None:
+        nonlocal first_poll
+        first_poll = asyncio.Event()
+        task = asyncio.create_task(collect(trigger))
+        await asyncio.wait_for(first_poll.wait(), timeout=10)
+        task.cancel()  # the triggerer dies while the trigger waits
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(die_after_first_poll())
+    assert speedpix_conn.stats()["calls"]["comfy_get_result"] == 0  # it really was cut short
+
+    event = run_trigger(rebuild(trigger))
+    assert event["status"] == "success"
+    assert event["prediction_id"] == prediction.id
+    stats = speedpix_conn.stats()
+    assert stats["calls"]["comfy_prompt"] == 1
+    assert stats["predictions"] == 1
+
+
+# ---------------------------------------------------------------------- one shared client
+def test_many_triggers_share_one_client_per_loop(speedpix_conn, monkeypatch):
+    created: list[httpx.AsyncClient] = []
+    real = httpx.AsyncClient
+
+    class CountingClient(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(hook_module.httpx, "AsyncClient", CountingClient)
+    ids = [create("sleep-1").id for _ in range(50)]
+
+    async def main() -> tuple[list[list[dict]], httpx.AsyncClient | None]:
+        results = await asyncio.gather(
+            *(collect(SpeedPixPredictionTrigger(i, poll_interval=0.2)) for i in ids)
+        )
+        return results, hook_module._ASYNC_CLIENTS.get(asyncio.get_running_loop())
+
+    results, loop_client = asyncio.run(main())
+    assert [len(events) for events in results] == [1] * 50
+    assert {events[0]["status"] for events in results} == {"success"}
+    assert sorted(events[0]["prediction_id"] for events in results) == sorted(ids)
+    assert len(created) == 1
+    assert loop_client is created[0]
+
+
+# ---------------------------------------------------------------------- adaptive polling
+def test_polling_adapts_to_eta_but_detects_the_end_promptly(speedpix_conn, monkeypatch):
+    """Two sleep-8 predictions polled at poll_interval 0.5 in one loop: one trigger knows the estimate
+    from the create call (as the operator passes it), one only sees progress ETAs (as the sensor)."""
+    duration, poll = 8.0, 0.5
+    polls: dict[str, int] = {}
+    original = SpeedPixHook.aget_prediction
+
+    async def counting(hook, prediction_id):
+        polls[prediction_id] = polls.get(prediction_id, 0) + 1
+        return await original(hook, prediction_id)
+
+    monkeypatch.setattr(SpeedPixHook, "aget_prediction", counting)
+    with_estimate, eta_only = create(f"sleep-{duration:g}"), create(f"sleep-{duration:g}")
+    created_at = time.time()
+    created_mono = time.monotonic()
+    finished: dict[str, float] = {}
+
+    async def watch(trigger: SpeedPixPredictionTrigger) -> dict:
+        [event] = await collect(trigger)
+        finished[trigger.prediction_id] = time.monotonic() - created_mono
+        return event
+
+    async def main() -> list[dict]:
+        return await asyncio.gather(
+            watch(
+                SpeedPixPredictionTrigger(
+                    with_estimate.id,
+                    poll_interval=poll,
+                    created_at=created_at,
+                    estimated_duration=with_estimate.estimated_duration,
+                )
+            ),
+            watch(SpeedPixPredictionTrigger(eta_only.id, poll_interval=poll)),
+        )
+
+    events = asyncio.run(main())
+    assert [e["status"] for e in events] == ["success", "success"]
+    fixed = duration / poll  # what a fixed 0.5 s interval would need: 16 polls
+    for prediction_id in (with_estimate.id, eta_only.id):
+        assert polls[prediction_id] <= fixed / 2, polls
+        # detection latency stays bounded by the poll interval (slack for a loaded machine)
+        assert duration <= finished[prediction_id] <= duration + 2 * poll + 1.5, finished
+    assert speedpix_conn.calls("comfy_get_progress") == sum(polls.values())
+
+
+# ---------------------------------------------------------------------- never blocks the loop
+def test_run_never_blocks_the_event_loop(speedpix_conn, monkeypatch):
+    prediction = create("sleep-1.5")
+    on_loop: list[str] = []
+    loop_thread: list[int] = []
+
+    def flag(name):
+        def check(*args, **kwargs):
+            if loop_thread and threading.get_ident() == loop_thread[0]:
+                on_loop.append(name)
+            return original[name](*args, **kwargs)
+
+        return check
+
+    original = {"get_connection": SpeedPixHook.get_connection, "sleep": time.sleep}
+    monkeypatch.setattr(SpeedPixHook, "get_connection", staticmethod(flag("get_connection")))
+    monkeypatch.setattr(time, "sleep", flag("sleep"))
+
+    async def main() -> tuple[list[dict], float]:
+        loop_thread.append(threading.get_ident())
+        gaps: list[float] = []
+        done = asyncio.Event()
+
+        async def heartbeat() -> None:
+            last = time.monotonic()
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        beat = asyncio.create_task(heartbeat())
+        try:
+            events = await collect(SpeedPixPredictionTrigger(prediction.id, poll_interval=0.6))
+        finally:
+            done.set()
+            await beat
+        return events, max(gaps)
+
+    events, max_gap = asyncio.run(main())
+    assert [e["status"] for e in events] == ["success"]
+    assert on_loop == []  # no sync connection lookup, no time.sleep on the loop thread
+    assert max_gap < 0.5, max_gap
+
+
+# ---------------------------------------------------------------------- raise_for_event
+@pytest.mark.parametrize(
+    "event",
+    [
+        None,
+        "success",
+        [],
+        {},
+        {"status": "success"},  # no prediction id
+        {"status": "success", "prediction_id": ""},
+        {"status": "weird", "prediction_id": "p-1"},
+        {"prediction_id": "p-1"},
+    ],
+)
+def test_raise_for_event_rejects_malformed_events(event):
+    with pytest.raises(SpeedPixError, match="Unexpected event") as info:
+        raise_for_event(event)
+    assert type(info.value) is SpeedPixError
+
+
+def test_raise_for_event_failed():
+    event = {
+        "status": "failed",
+        "prediction_id": "p-9",
+        "prediction_status": "failed",
+        "error_code": "WORKFLOW_EXECUTION_FAILED",
+        "message": "Node #7 failed",
+    }
+    with pytest.raises(SpeedPixPredictionFailed) as info:
+        raise_for_event(event)
+    err = info.value
+    assert (err.prediction_id, err.error_code, err.error_message) == (
+        "p-9",
+        "WORKFLOW_EXECUTION_FAILED",
+        "Node #7 failed",
+    )
+    assert "p-9" in str(err) and "WORKFLOW_EXECUTION_FAILED" in str(err) and "Node #7 failed" in str(err)
+
+
+def test_raise_for_event_timeout_names_the_prediction():
+    event = {"status": "timeout", "prediction_id": "p-7", "prediction_status": "running", "message": "late"}
+    with pytest.raises(SpeedPixTimeoutError) as info:
+        raise_for_event(event, timeout=30)
+    assert info.value.prediction_id == "p-7"
+    assert info.value.last_status == "running"
+    assert "p-7" in str(info.value) and "30s" in str(info.value)
+
+
+def test_raise_for_event_error_keeps_code_and_message():
+    event = {"status": "error", "prediction_id": "p-5", "error_code": "I400SG", "message": "bad signature"}
+    with pytest.raises(SpeedPixError) as info:
+        raise_for_event(event)
+    assert type(info.value) is SpeedPixError
+    assert "p-5" in str(info.value) and "I400SG" in str(info.value) and "bad signature" in str(info.value)
+
+
+def test_prediction_event_for_failed_and_canceled():
+    failed = Prediction(id="p-1", status="failed", error="boom", error_code="E1", message="execution failed")
+    assert prediction_event(failed)["status"] == "failed"
+    assert prediction_event(failed)["message"] == "boom"  # the error, not the progress message
+    canceled = Prediction(id="p-2", status="canceled")
+    with pytest.raises(SpeedPixPredictionFailed):
+        raise_for_event(prediction_event(canceled))
