@@ -29,7 +29,26 @@ FileEncodingStrategy = Literal["url", "base64"]
 FILE_ENCODING_STRATEGIES = ("url", "base64")
 BASE64_LIMIT = 1024 * 1024
 MEDIA_SUFFIXES = frozenset(
-    [".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".mp4", ".mov", ".avi", ".webm", ".mkv", ".mp3", ".wav", ".json", ".safetensors"]
+    [
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".gif",
+        ".bmp",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".heic",
+        ".mp4",
+        ".mov",
+        ".avi",
+        ".webm",
+        ".mkv",
+        ".mp3",
+        ".wav",
+        ".json",
+        ".safetensors",
+    ]
 )
 _PATH_PREFIXES = ("/", "./", "../", "~")
 

@@ -162,7 +162,8 @@ def read_envelope(
     ``allow_failure`` keeps a failed envelope (``comfy_get_result`` reports a failed task that way).
     """
     request_id = _header(headers, "X-Ca-Request-Id")
-    if _header(headers, "X-Ca-Error-Code") or status_code == 429:
+    # The older gateway style signals throttling with X-Ca-Error-Message alone (no X-Ca-Error-Code).
+    if _header(headers, "X-Ca-Error-Code") or _header(headers, "X-Ca-Error-Message") or status_code == 429:
         raise _gateway_error(operation, status_code, headers, request_id)
     text = content.decode("utf-8", errors="replace")
     try:

@@ -419,7 +419,7 @@ class SpeedPixHook(BaseHook):
                 try:
                     response = await client.send(request, stream=True)
                     try:
-                        chunks = [c async for c in _alimited(response.aiter_raw(), operation)]
+                        chunks = [c async for c in _alimited(response.aiter_bytes(), operation)]
                     finally:
                         await response.aclose()
                 except httpx.HTTPError as err:
@@ -445,12 +445,18 @@ class SpeedPixHook(BaseHook):
             filename = filename or name
             content_type = content_type or guess_content_type(filename)
             size = _size_of(stream)
+            # The first PUT consumes the stream: rewind before sending it again (a stream that cannot be
+            # rewound is not re-signed, its bytes are gone).
+            start = stream.tell() if _seekable(stream) else None
             for sign_attempt in range(2):  # a URL that expired between sign and PUT is signed again
+                if start is not None:
+                    stream.seek(start)
                 envelope = self._call(
                     proto.UPLOAD_SIGN, {"contentType": content_type, "originalFilename": filename}
                 )
                 upload_url, fields = proto.parse_upload_sign(envelope)
-                expired = self._put(upload_url, stream, content_type, size, filename, last=sign_attempt == 1)
+                last = sign_attempt == 1 or start is None
+                expired = self._put(upload_url, stream, content_type, size, filename, last=last)
                 if not expired:
                     break
             self.log.info("Uploaded %s (%s bytes) to SpeedPix as %s", filename, size, fields["access_url"])
@@ -528,9 +534,9 @@ class SpeedPixHook(BaseHook):
                         )
                         if response.status_code < 500 or attempt == settings.retry_limit:
                             raise error
-                        continue
-                    _write_stream(response.iter_content(CHUNK), target)
-                    return target
+                    else:  # a 5xx falls through to the backoff below (a bare `continue` skipped it)
+                        _write_stream(response.iter_content(CHUNK), target)
+                        return target
             except requests.RequestException as err:
                 if attempt == settings.retry_limit:
                     raise SpeedPixDownloadError(
@@ -770,7 +776,10 @@ def _resolve_destination(url: str, destination: Any) -> Any:
     name = _safe_filename(urllib.parse.urlsplit(url).path)
     if is_object_storage_path(destination):
         if str(destination).endswith("/") or destination.is_dir():
-            return destination / name
+            destination = destination / name
+        # Local and other hierarchical file systems need the folder; object stores ignore this.
+        with contextlib.suppress(OSError, NotImplementedError):
+            destination.parent.mkdir(parents=True, exist_ok=True)
         return destination
     if not isinstance(destination, str | os.PathLike):
         raise SpeedPixDownloadError(
