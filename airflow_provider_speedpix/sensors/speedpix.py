@@ -17,7 +17,7 @@ from airflow.providers.common.compat.sdk import (
 )
 
 from airflow_provider_speedpix.exceptions import SpeedPixPredictionFailed, SpeedPixTimeoutError
-from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, raise_for_prediction
+from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, check_positive, raise_for_prediction
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger, raise_for_event
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
     ) -> None:
         kwargs.setdefault("poke_interval", 5.0)
         super().__init__(**kwargs)
+        check_positive("poke_interval", float(self.poke_interval))
         self.prediction_id = prediction_id
         self.speedpix_conn_id = speedpix_conn_id
         self.deferrable = deferrable

@@ -20,7 +20,7 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixTimeoutError,
     SpeedPixTransportError,
 )
-from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
+from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, check_positive
 
 #: Errors the trigger sits out (with backoff) instead of ending: the next poll may well succeed.
 TRANSIENT = (SpeedPixTransportError, SpeedPixServerError, SpeedPixThrottledError, SpeedPixResponseError)
@@ -101,7 +101,7 @@ class SpeedPixPredictionTrigger(BaseTrigger):
         super().__init__()
         self.prediction_id = prediction_id
         self.speedpix_conn_id = speedpix_conn_id
-        self.poll_interval = poll_interval
+        self.poll_interval = check_positive("poll_interval", poll_interval)
         self.max_poll_interval = max(max_poll_interval, poll_interval)
         self.deadline = deadline
         self.created_at = created_at
@@ -154,7 +154,7 @@ class SpeedPixPredictionTrigger(BaseTrigger):
                 )
                 if remaining is not None and remaining <= delay:
                     await asyncio.sleep(max(remaining, 0))
-                    yield self._timeout_event(None)
+                    yield self._timeout_event(last_seen[0] if last_seen else None)
                     return
                 await asyncio.sleep(delay)
                 continue
