@@ -8,7 +8,7 @@ from airflow_provider_speedpix._protocol import Prediction
 #: poll needs about log2(remaining / poll_interval) calls instead of remaining / poll_interval.
 FAR_FRACTION = 0.5
 #: How far past the expected finish (in poll intervals) the last approach poll aims.
-ARRIVAL_MARGIN = 0.25
+ARRIVAL_MARGIN = 0.05
 
 
 def next_poll_delay(
