@@ -36,7 +36,7 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 30.0) ->
         if process.poll() is not None:
             sys.exit(f"demo: the emulator exited with code {process.returncode}")
         try:
-            urllib.request.urlopen(f"{url}/_emulator/stats", timeout=1).read()  # noqa: S310 - loopback
+            urllib.request.urlopen(f"{url}/_emulator/stats", timeout=1).read()
             return
         except OSError:
             time.sleep(0.2)
@@ -50,8 +50,19 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     secret = secrets.token_urlsafe(16)
     emulator = subprocess.Popen(
-        [str(BIN / "speedpix-emulator"), "--host", "127.0.0.1", "--port", str(port), "--app-key", "demo-key",
-         "--app-secret", secret, "--duration", "5"],
+        [
+            str(BIN / "speedpix-emulator"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--app-key",
+            "demo-key",
+            "--app-secret",
+            secret,
+            "--duration",
+            "5",
+        ],
     )
     try:
         wait_until_up(url, emulator)
@@ -66,7 +77,9 @@ def main() -> int:
             ),
             "SPEEDPIX_OUTPUT_DIR": str(output_dir),
         }
-        subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(BIN / "airflow"), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL
+        )
         result = subprocess.run([str(BIN / "airflow"), "dags", "test", DAG_ID], env=env, check=False)
         if result.returncode != 0:
             print(f"demo: `airflow dags test {DAG_ID}` failed with code {result.returncode}", file=sys.stderr)
@@ -75,7 +88,7 @@ def main() -> int:
         if not images or not images[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n"):
             print(f"demo: no PNG output under {output_dir}", file=sys.stderr)
             return 1
-        with urllib.request.urlopen(f"{url}/_emulator/stats", timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(f"{url}/_emulator/stats", timeout=5) as response:
             calls = json.load(response)["calls"]
         print(f"\nSpeedPix demo succeeded: emulator saw {calls['comfy_prompt']} prediction(s).")
         print(f"Output image: {images[0]}")

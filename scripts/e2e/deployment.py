@@ -11,7 +11,6 @@ Used as a library by ``tests/e2e`` (``Deployment``), or by hand::
     .venv/bin/python scripts/e2e/deployment.py            # start, print the URLs, stop on Ctrl-C
 """
 
-# ruff: noqa: S603 - runs the fixed airflow and emulator executables of this virtualenv
 from __future__ import annotations
 
 import base64
@@ -221,7 +220,7 @@ class Deployment:
             return False
 
     def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.api_url}/api/v2/monitor/health", timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(f"{self.api_url}/api/v2/monitor/health", timeout=5) as response:
             return json.load(response)
 
     def _healthy(self) -> bool:
@@ -284,7 +283,7 @@ class Deployment:
             marks = ",".join("?" * len(dag_ids))
             try:
                 rows = self.query(
-                    f"SELECT d.dag_id FROM dag d JOIN serialized_dag s ON s.dag_id = d.dag_id "  # noqa: S608
+                    f"SELECT d.dag_id FROM dag d JOIN serialized_dag s ON s.dag_id = d.dag_id "
                     f"WHERE d.dag_id IN ({marks}) AND d.is_paused = 0",
                     dag_ids,
                 )
@@ -372,13 +371,13 @@ class Deployment:
     # ------------------------------------------------------------------ emulator
     def _emulator(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(  # noqa: S310 - loopback emulator
+        request = urllib.request.Request(
             f"{self.emulator_url}{path}",
             data=data,
             method="GET" if body is None else "POST",
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
 
     def emulator_stats(self) -> dict[str, Any]:
