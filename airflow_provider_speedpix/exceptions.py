@@ -52,7 +52,7 @@ class SpeedPixAPIError(SpeedPixError):
     ) -> None:
         super().__init__(message)
         self.operation = operation
-        self.status_code = status_code
+        self.status_code = status_code  # type: ignore[assignment]  # HTTP status, as AirflowException uses it
         self.error_code = error_code
         self.sub_error_code = sub_error_code
         self.error_message = error_message

@@ -393,8 +393,8 @@ async def _fault_response(request: Request, fault: Fault, normal: Response | Non
     if kind == "malformed":
         return Response(b"<<not json>> {status:", status_code=200, media_type=JSON_TYPE, headers=rid)
     if kind == "truncated":
-        body = bytes(normal.body)
-        return Response(body[: max(1, len(body) // 2)], status_code=200, media_type=JSON_TYPE, headers=rid)
+        whole = bytes(normal.body)
+        return Response(whole[: max(1, len(whole) // 2)], status_code=200, media_type=JSON_TYPE, headers=rid)
     if kind == "missing_data":
         return _json_response(envelope(include_data=False), 200, rid)
     raise AssertionError(kind)

@@ -50,9 +50,9 @@ def _install_redaction() -> None:
             logger.addFilter(RedactUploadTokens())
 
 
-def best_uvicorn_options() -> dict[str, str]:
+def best_uvicorn_options() -> dict[str, Any]:
     """``httptools`` and ``uvloop`` when importable, else uvicorn's pure-Python fallbacks."""
-    options = {"http": "h11", "loop": "asyncio"}
+    options: dict[str, Any] = {"http": "h11", "loop": "asyncio"}
     try:
         import httptools  # noqa: F401
 
@@ -111,7 +111,7 @@ class EmulatorServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
-        self.app = None
+        self.app: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
