@@ -403,7 +403,7 @@ async def _fault_response(request: Request, fault: Fault, normal: Response | Non
 class EmulatorApp(FastAPI):
     """FastAPI that keeps the server's raw ``send`` in the scope (used to reach the transport for resets)."""
 
-    async def __call__(self, scope, receive, send):  # type: ignore[override]
+    async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
