@@ -240,3 +240,26 @@ def test_output_files_plan_names_files_after_fields(tmp_path):
     assert all(p[2].parent == tmp_path for p in plan)
     plan = output_files_plan({"../../evil": {"url": "http://h/x.png"}}, str(tmp_path))
     assert plan[0][2].parent == tmp_path
+
+
+def test_stored_prediction_unknown_to_the_api_is_replaced(run_dag, speedpix_conn, monkeypatch):
+    """A stored id the API no longer knows (expired) must not wedge every retry: submit anew."""
+    from airflow_provider_speedpix.operators import speedpix as operator_module
+
+    real_resume = operator_module.SpeedPixRunOperator._resume
+
+    def resume_with_stale_id(self, store):
+        if store is not None and store.get(operator_module.STATE_KEY) is None:
+            store.set(operator_module.STATE_KEY, {"prediction_id": "expired-prediction-id"})
+        return real_resume(self, store)
+
+    monkeypatch.setattr(operator_module.SpeedPixRunOperator, "_resume", resume_with_stale_id)
+    dr = run_dag(
+        HEADER
+        + """
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={"text": "x"}, deferrable=True,
+    poll_interval=0.2)
+"""
+    )
+    assert dr.state == "success"
+    assert speedpix_conn.calls("comfy_prompt") == 1

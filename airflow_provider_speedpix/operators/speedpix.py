@@ -14,6 +14,7 @@ from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_speedpix._inputs import check_strategy
 from airflow_provider_speedpix._protocol import Prediction, iter_output_urls
+from airflow_provider_speedpix.exceptions import SpeedPixNotFoundError
 from airflow_provider_speedpix.hooks.speedpix import (
     DEFAULT_POLL_INTERVAL,
     SpeedPixHook,
@@ -207,7 +208,14 @@ class SpeedPixRunOperator(BaseOperator):
         if not isinstance(saved, dict) or not saved.get("prediction_id"):
             return None
         self._state = saved
-        prediction = self.hook.get_prediction(saved["prediction_id"])
+        try:
+            prediction = self.hook.get_prediction(saved["prediction_id"])
+        except SpeedPixNotFoundError:
+            self.log.warning(
+                "Prediction %s from an earlier try is unknown to SpeedPix (expired?); submitting a new one.",
+                saved["prediction_id"],
+            )
+            return None
         if prediction.status in ("waiting", "running"):
             self.log.info(
                 "Reconnecting to prediction %s from an earlier try (%s).", prediction.id, prediction.status
