@@ -1,0 +1,711 @@
+"""SpeedPixHook against the in-process emulator: real HTTP, real signing, real uploads and downloads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_speedpix._inputs import BASE64_LIMIT
+from airflow_provider_speedpix._protocol import Prediction, UploadedFile
+from airflow_provider_speedpix.exceptions import (
+    SpeedPixAuthError,
+    SpeedPixConfigError,
+    SpeedPixDownloadError,
+    SpeedPixError,
+    SpeedPixInputError,
+    SpeedPixNotFoundError,
+    SpeedPixPredictionFailed,
+    SpeedPixTimeoutError,
+    SpeedPixUploadError,
+)
+from airflow_provider_speedpix.hooks.speedpix import (
+    DEFAULT_ENDPOINT,
+    SpeedPixHook,
+    normalise_endpoint,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EXTRA = {"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 5}
+
+
+def set_connection(monkeypatch, emulator, **overrides):
+    conn = {
+        "conn_type": "speedpix",
+        "host": emulator.url,
+        "login": emulator.app_key,
+        "password": emulator.app_secret,
+        "extra": dict(EXTRA),
+    }
+    extra = overrides.pop("extra", None)
+    conn.update(overrides)
+    if extra:
+        conn["extra"].update(extra)
+    monkeypatch.setenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", json.dumps(conn))
+
+
+@pytest.fixture
+def hook(emulator, monkeypatch):
+    set_connection(monkeypatch, emulator)
+    return SpeedPixHook()
+
+
+@pytest.fixture
+def png_file(tmp_path):
+    path = tmp_path / "input.png"
+    path.write_bytes(PNG_MAGIC + b"pixels" * 100)
+    return path
+
+
+def emulator_tasks(emulator):
+    """The emulator's task table (same process; read-only use)."""
+    return emulator.app.state.emulator.tasks
+
+
+def only_task(emulator):
+    tasks = list(emulator_tasks(emulator).values())
+    assert len(tasks) == 1
+    return tasks[0]
+
+
+def fetch(hook, url):
+    response = hook.get_conn().get(url, timeout=5)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def wait_until(predicate, timeout=5.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------- settings / connection
+def test_settings_from_connection(hook, emulator):
+    settings = hook.settings
+    assert settings.endpoint == emulator.url
+    assert settings.app_key == "test-key"
+    assert settings.app_secret == emulator.app_secret
+    assert (settings.timeout, settings.retry_delay, settings.retry_max_delay) == (5, 0.01, 0.05)
+    assert emulator.app_secret not in repr(settings)
+
+
+def test_env_fallback(emulator, monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", raising=False)
+    monkeypatch.setenv("SPEEDPIX_APP_KEY", emulator.app_key)
+    monkeypatch.setenv("SPEEDPIX_APP_SECRET", emulator.app_secret)
+    monkeypatch.setenv("SPEEDPIX_ENDPOINT", emulator.url)
+    hook = SpeedPixHook()
+    assert hook.settings.endpoint == emulator.url
+    prediction = hook.create_prediction("sleep-0", {"text": "hi"})
+    assert hook.get_prediction(prediction.id).succeeded
+    assert emulator.calls("comfy_prompt") == 1
+
+
+def test_env_fallback_default_endpoint(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", raising=False)
+    monkeypatch.setenv("SPEEDPIX_APP_KEY", "k")
+    monkeypatch.setenv("SPEEDPIX_APP_SECRET", "s")
+    monkeypatch.delenv("SPEEDPIX_ENDPOINT", raising=False)
+    assert SpeedPixHook().settings.endpoint == DEFAULT_ENDPOINT
+
+
+def test_no_connection_and_no_env_names_both_fixes(monkeypatch):
+    for name in (
+        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
+        "SPEEDPIX_APP_KEY",
+        "SPEEDPIX_APP_SECRET",
+        "SPEEDPIX_ENDPOINT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SpeedPixConfigError) as info:
+        SpeedPixHook().settings  # noqa: B018
+    message = str(info.value)
+    assert "speedpix_default" in message
+    assert "AIRFLOW_CONN_SPEEDPIX_DEFAULT" in message
+    assert "SPEEDPIX_APP_KEY" in message and "SPEEDPIX_APP_SECRET" in message
+
+
+def test_only_key_in_env_is_not_enough(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", raising=False)
+    monkeypatch.setenv("SPEEDPIX_APP_KEY", "k")
+    monkeypatch.delenv("SPEEDPIX_APP_SECRET", raising=False)
+    with pytest.raises(SpeedPixConfigError, match="SPEEDPIX_APP_SECRET"):
+        SpeedPixHook().settings  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"login": ""}, "App Key"),
+        ({"password": ""}, "App Secret"),
+        ({"extra": {"timeout": "abc"}}, "timeout"),
+        ({"extra": {"retry_limit": 0}}, "retry_limit"),
+        ({"host": "http://127.0.0.1:1/api/v1"}, "has a path"),
+        ({"host": "ftp://example.com"}, "not an http"),
+    ],
+)
+def test_bad_connection_fields(emulator, monkeypatch, overrides, match):
+    set_connection(monkeypatch, emulator, **overrides)
+    with pytest.raises(SpeedPixConfigError, match=match):
+        SpeedPixHook().settings  # noqa: B018
+
+
+def test_bare_host_means_https(emulator, monkeypatch):
+    set_connection(monkeypatch, emulator, host="openai.edu-aliyun.com")
+    assert SpeedPixHook().settings.endpoint == "https://openai.edu-aliyun.com"
+    set_connection(monkeypatch, emulator, host="127.0.0.1", schema="http", port=8080)
+    assert SpeedPixHook().settings.endpoint == "http://127.0.0.1:8080"
+
+
+def test_normalise_endpoint():
+    assert normalise_endpoint(None) == DEFAULT_ENDPOINT
+    assert normalise_endpoint("  ") == DEFAULT_ENDPOINT
+    assert normalise_endpoint("example.com") == "https://example.com"
+    assert normalise_endpoint("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert normalise_endpoint("example.com", port=444) == "https://example.com:444"
+    assert normalise_endpoint("example.com:9", port=444) == "https://example.com:9"
+    for bad in ("https://example.com/scc", "https://example.com?x=1", "https://example.com/#f", "http://"):
+        with pytest.raises(SpeedPixConfigError):
+            normalise_endpoint(bad)
+
+
+def test_resource_config_id_from_connection_and_argument(emulator, monkeypatch):
+    set_connection(monkeypatch, emulator, extra={"resource_config_id": "dedicated-1"})
+    hook = SpeedPixHook()
+    first = hook.create_prediction("sleep-0", {})
+    second = hook.create_prediction("sleep-0", {}, resource_config_id="dedicated-2")
+    tasks = emulator_tasks(emulator)
+    assert tasks[first.id].resource_config_id == "dedicated-1"
+    assert tasks[second.id].resource_config_id == "dedicated-2"
+
+
+def test_resource_config_id_defaults_to_default(hook, emulator):
+    prediction = hook.create_prediction("sleep-0", {})
+    assert emulator_tasks(emulator)[prediction.id].resource_config_id == "default"
+
+
+# ---------------------------------------------------------------- test_connection
+def test_test_connection_good(hook, emulator):
+    ok, message = hook.test_connection()
+    assert ok is True
+    assert emulator.url in message
+    assert emulator.stats()["predictions"] == 0  # the probe never creates anything
+
+
+def test_test_connection_wrong_secret(emulator, monkeypatch):
+    set_connection(monkeypatch, emulator, password="wrong-secret-value")
+    ok, message = SpeedPixHook().test_connection()
+    assert ok is False
+    assert "App Key" in message and "App Secret" in message
+    assert "I400SG" in message
+    assert "wrong-secret-value" not in message
+    assert emulator.app_secret not in message
+    assert emulator.stats()["rejected"] == {"I400SG": 1}
+
+
+def test_test_connection_wrong_key(emulator, monkeypatch):
+    set_connection(monkeypatch, emulator, login="nobody")
+    ok, message = SpeedPixHook().test_connection()
+    assert ok is False
+    assert "App Key" in message
+
+
+def test_test_connection_unreachable(emulator, monkeypatch):
+    set_connection(monkeypatch, emulator, host="http://127.0.0.1:1", extra={"retry_limit": 1})
+    ok, message = SpeedPixHook().test_connection()
+    assert ok is False
+    assert "127.0.0.1:1" in message
+
+
+def test_test_connection_bad_config(monkeypatch):
+    for name in ("AIRFLOW_CONN_SPEEDPIX_DEFAULT", "SPEEDPIX_APP_KEY", "SPEEDPIX_APP_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    ok, message = SpeedPixHook().test_connection()
+    assert ok is False
+    assert "SPEEDPIX_APP_KEY" in message
+
+
+# ---------------------------------------------------------------- upload_file
+def assert_uploaded(hook, uploaded, content, filename, content_type="image/png"):
+    assert isinstance(uploaded, UploadedFile)
+    assert uploaded.filename == filename
+    assert uploaded.content_type == content_type
+    assert uploaded.size == len(content)
+    assert str(uploaded) == uploaded.access_url
+    assert "Signature" not in repr(uploaded)
+    assert fetch(hook, uploaded.access_url) == content
+
+
+def test_upload_path_str(hook, emulator, png_file):
+    uploaded = hook.upload_file(str(png_file))
+    assert_uploaded(hook, uploaded, png_file.read_bytes(), "input.png")
+    calls = emulator.stats()["calls"]
+    assert calls["sp_create_temp_file_upload_sign"] == 1
+    assert calls["upload_put"] == 1
+    assert emulator.stats()["uploads"] == 1
+
+
+def test_upload_path_object_and_overrides(hook, png_file):
+    uploaded = hook.upload_file(png_file, filename="renamed.jpg", content_type="image/jpeg")
+    assert_uploaded(hook, uploaded, png_file.read_bytes(), "renamed.jpg", "image/jpeg")
+
+
+def test_upload_bytesio(hook):
+    content = PNG_MAGIC + b"in memory"
+    uploaded = hook.upload_file(io.BytesIO(content), filename="mem.png")
+    assert_uploaded(hook, uploaded, content, "mem.png")
+    # without a name: a generic one
+    unnamed = hook.upload_file(io.BytesIO(b"x"))
+    assert unnamed.filename == "file"
+    assert unnamed.content_type == "application/octet-stream"
+
+
+def test_upload_bytesio_from_current_position(hook):
+    stream = io.BytesIO(b"HEADER" + PNG_MAGIC)
+    stream.seek(6)
+    uploaded = hook.upload_file(stream, filename="tail.png")
+    assert uploaded.size == len(PNG_MAGIC)
+    assert fetch(hook, uploaded.access_url) == PNG_MAGIC
+
+
+def test_upload_non_ascii_file_name(hook, emulator, tmp_path):
+    path = tmp_path / "产品 照片.png"
+    path.write_bytes(PNG_MAGIC + "白".encode())
+    uploaded = hook.upload_file(path)
+    assert_uploaded(hook, uploaded, path.read_bytes(), "产品 照片.png")
+    upload = next(iter(emulator.app.state.emulator.uploads.values()))
+    assert upload.original_filename == "产品 照片.png"
+
+
+def test_upload_object_storage_path(hook, png_file):
+    from airflow.sdk import ObjectStoragePath
+
+    uploaded = hook.upload_file(ObjectStoragePath(f"file://{png_file}"))
+    assert_uploaded(hook, uploaded, png_file.read_bytes(), "input.png")
+
+
+class ReadOnlyStream:
+    """A binary reader that cannot seek or report its size (a pipe, a socket, a streaming body)."""
+
+    def __init__(self, data):
+        self._inner = io.BytesIO(data)
+
+    def read(self, size=-1):
+        return self._inner.read(size)
+
+
+def test_upload_non_seekable_stream(hook, emulator):
+    content = PNG_MAGIC + b"streamed" * 1000
+    uploaded = hook.upload_file(ReadOnlyStream(content), filename="piped.png")
+    assert uploaded.size is None
+    assert fetch(hook, uploaded.access_url) == content
+
+
+@pytest.mark.parametrize("as_stream", [False, True], ids=["path", "bytesio"])
+def test_upload_url_expired_before_put_is_signed_again(hook, emulator, monkeypatch, png_file, as_stream):
+    """The first pre-signed URL is already expired; the second PUT must resend the whole file."""
+    emulator.configure(upload_url_ttl_s=0)
+    real_put = hook._put
+
+    def put_then_extend_ttl(*args, **kwargs):
+        try:
+            return real_put(*args, **kwargs)
+        finally:
+            emulator.configure(upload_url_ttl_s=3600)
+
+    monkeypatch.setattr(hook, "_put", put_then_extend_ttl)
+    source = io.BytesIO(png_file.read_bytes()) if as_stream else png_file
+    uploaded = hook.upload_file(source, filename="input.png")
+    assert fetch(hook, uploaded.access_url) == png_file.read_bytes()
+    calls = emulator.stats()["calls"]
+    assert calls["sp_create_temp_file_upload_sign"] == 2
+    assert calls["upload_put"] == 2
+
+
+def test_upload_url_always_expired_gives_up(hook, emulator, png_file):
+    emulator.configure(upload_url_ttl_s=0)
+    with pytest.raises(SpeedPixUploadError, match="AccessDenied") as info:
+        hook.upload_file(png_file)
+    assert "Signature" not in str(info.value)
+    assert emulator.stats()["calls"]["sp_create_temp_file_upload_sign"] == 2
+
+
+def test_upload_rejects_bad_sources(hook, emulator, tmp_path):
+    with pytest.raises(SpeedPixConfigError, match="does not exist"):
+        hook.upload_file(tmp_path / "missing.png")
+    with pytest.raises(SpeedPixConfigError, match="directory"):
+        hook.upload_file(tmp_path)
+    with pytest.raises(SpeedPixConfigError, match="cannot upload a int"):
+        hook.upload_file(42)
+    assert emulator.stats()["calls"]["sp_create_temp_file_upload_sign"] == 0
+
+
+# ---------------------------------------------------------------- create_prediction
+def test_create_prediction_text_with_chinese(hook, emulator):
+    text = "白色背景的产品照片，柔和光线 ✨"  # noqa: RUF001 - a real Chinese full-width comma
+    prediction = hook.create_prediction("wf-1", {"text": text, "strength": 0.5})
+    assert isinstance(prediction, Prediction)
+    assert prediction.status == "waiting"
+    assert prediction.estimated_duration == pytest.approx(1.0)
+    assert prediction.invoke_id
+    task = only_task(emulator)
+    assert task.task_id == prediction.id
+    assert task.inputs == {"text": text, "strength": 0.5}
+    assert task.alias_id == "main" and task.version_id is None
+    stats = emulator.stats()
+    assert stats["calls"]["comfy_prompt"] == 1
+    assert stats["predictions"] == 1
+    assert stats["rejected"] == {}
+
+
+def test_create_prediction_version_and_flags(hook, emulator):
+    hook.create_prediction("wf-1", {}, version_id="v2", return_temp_files=True)
+    task = only_task(emulator)
+    assert (task.version_id, task.alias_id, task.return_temp_files) == ("v2", None, True)
+
+
+def test_create_prediction_nested_files_uploaded_once_each(hook, emulator, png_file, tmp_path):
+    other = tmp_path / "mask.png"
+    other.write_bytes(PNG_MAGIC + b"mask")
+    inputs = {
+        "image": str(png_file),
+        "refs": [str(png_file), {"mask": other, "weight": 1}],
+        "cfg": {"again": png_file, "stream": io.BytesIO(b"bytes")},
+    }
+    hook.create_prediction("wf-1", inputs)
+    stats = emulator.stats()
+    assert stats["calls"]["sp_create_temp_file_upload_sign"] == 3
+    assert stats["calls"]["upload_put"] == 3
+    assert stats["calls"]["comfy_prompt"] == 1
+    sent = only_task(emulator).inputs
+    assert sent["image"] == sent["refs"][0] == sent["cfg"]["again"]
+    assert sent["refs"][1]["weight"] == 1
+    assert fetch(hook, sent["image"]) == png_file.read_bytes()
+    assert fetch(hook, sent["refs"][1]["mask"]) == other.read_bytes()
+    assert fetch(hook, sent["cfg"]["stream"]) == b"bytes"
+
+
+def test_create_prediction_base64(hook, emulator, png_file):
+    hook.create_prediction("wf-1", {"image": png_file}, file_encoding_strategy="base64")
+    value = only_task(emulator).inputs["image"]
+    assert value.startswith("data:image/png;base64,")
+    assert base64.b64decode(value.split(",", 1)[1]) == png_file.read_bytes()
+    assert emulator.stats()["calls"]["sp_create_temp_file_upload_sign"] == 0
+
+
+def test_create_prediction_base64_limit(hook, emulator, tmp_path):
+    exact = tmp_path / "exact.png"
+    exact.write_bytes(b"\x01" * BASE64_LIMIT)
+    hook.create_prediction("wf-1", {"image": exact}, file_encoding_strategy="base64")
+    over = tmp_path / "over.png"
+    over.write_bytes(b"\x01" * (BASE64_LIMIT + 1))
+    with pytest.raises(SpeedPixInputError, match=r"inputs\['image'\].*1 MiB"):
+        hook.create_prediction("wf-1", {"image": over}, file_encoding_strategy="base64")
+    assert emulator.stats()["calls"]["comfy_prompt"] == 1
+
+
+def test_create_prediction_validates_before_any_call(hook, emulator, png_file, tmp_path):
+    with pytest.raises(SpeedPixConfigError, match="alias_id"):
+        hook.create_prediction("wf-1", {"image": png_file}, alias_id="a", version_id="v")
+    with pytest.raises(SpeedPixConfigError, match="workflow_id"):
+        hook.create_prediction(" ", {"image": png_file})
+    with pytest.raises(SpeedPixInputError, match="file_encoding_strategy"):
+        hook.create_prediction("wf-1", {"image": png_file}, file_encoding_strategy="inline")
+    with pytest.raises(SpeedPixInputError, match=r"inputs\['image'\]"):
+        hook.create_prediction("wf-1", {"image": str(tmp_path / "missing.png")})
+    calls = emulator.stats()["calls"]
+    assert calls["comfy_prompt"] == calls["sp_create_temp_file_upload_sign"] == 0
+
+
+def test_create_prediction_missing_workflow(hook, emulator):
+    with pytest.raises(SpeedPixNotFoundError, match="wf-missing") as info:
+        hook.create_prediction("wf-missing", {})
+    assert info.value.sub_error_code == "WORKFLOW_NOT_FOUND"
+    assert emulator.stats()["calls"]["comfy_prompt"] == 1  # a definite answer is not retried
+    assert emulator.stats()["predictions"] == 0
+
+
+# ---------------------------------------------------------------- get_prediction
+def test_get_prediction_waiting(hook, emulator):
+    prediction = hook.create_prediction("sleep-100", {})
+    current = hook.get_prediction(prediction.id)
+    assert current.status == "waiting"
+    assert current.progress == 0
+    assert current.eta_seconds == 100
+    assert current.output is None
+    assert emulator.stats()["calls"]["comfy_get_result"] == 0
+
+
+def test_get_prediction_running(hook, emulator):
+    prediction = hook.create_prediction("sleep-3", {})  # waiting for 0.3 s, then running
+    current = wait_until(lambda: (p := hook.get_prediction(prediction.id)).status == "running" and p)
+    assert 0 <= current.progress < 100
+    assert current.message
+    assert current.output is None and not current.finished
+    assert emulator.stats()["calls"]["comfy_get_result"] == 0
+
+
+def test_get_prediction_succeeded(hook, emulator):
+    prediction = hook.create_prediction("sleep-0", {}, return_temp_files=True)
+    done = hook.get_prediction(prediction.id)
+    assert done.succeeded and done.finished
+    assert done.progress == 100
+    assert set(done.output) == {"images", "subject_image", "mask_image"}
+    assert done.output["images"]["url"].endswith(f"/{prediction.id}/output.png")
+    assert done.extra["images"] == [done.output["images"]["url"]]
+    assert done.error is None
+    assert emulator.stats()["calls"]["comfy_get_result"] == 1
+
+
+def test_get_prediction_failed(hook):
+    prediction = hook.create_prediction("wf-fail", {})
+    failed = wait_until(lambda: (p := hook.get_prediction(prediction.id)).finished and p)
+    assert failed.status == "failed"
+    assert failed.error_code == "WORKFLOW_EXECUTION_FAILED"
+    assert "KSampler" in failed.error
+    assert failed.output is None
+
+
+def test_get_prediction_unknown_id(hook):
+    with pytest.raises(SpeedPixNotFoundError, match="no-such-task"):
+        hook.get_prediction("no-such-task")
+
+
+@pytest.mark.parametrize("bad", ["", "  ", None, 5])
+def test_get_prediction_bad_id(hook, emulator, bad):
+    with pytest.raises(SpeedPixConfigError, match="prediction_id"):
+        hook.get_prediction(bad)
+    assert emulator.stats()["calls"]["comfy_get_progress"] == 0
+
+
+def test_aget_prediction_matches_sync(hook, emulator):
+    prediction = hook.create_prediction("sleep-0", {}, return_temp_files=True)
+    sync = hook.get_prediction(prediction.id)
+    result = asyncio.run(SpeedPixHook().aget_prediction(prediction.id))
+    assert result.invoke_id and result.invoke_id != sync.invoke_id  # a real second call
+    sync.invoke_id = result.invoke_id = None
+    assert result == sync
+    assert emulator.stats()["calls"]["comfy_get_result"] == 2
+
+
+def test_aget_prediction_running_and_failed(hook):
+    running = hook.create_prediction("sleep-100", {})
+    assert asyncio.run(SpeedPixHook().aget_prediction(running.id)).status == "waiting"
+    failing = hook.create_prediction("wf-fail", {})
+    wait_until(lambda: hook.get_prediction(failing.id).finished)
+    failed = asyncio.run(SpeedPixHook().aget_prediction(failing.id))
+    assert (failed.status, failed.error_code) == ("failed", "WORKFLOW_EXECUTION_FAILED")
+
+
+def test_aget_prediction_wrong_secret(emulator, monkeypatch):
+    set_connection(monkeypatch, emulator, password="nope")
+    with pytest.raises(SpeedPixAuthError, match="I400SG"):
+        asyncio.run(SpeedPixHook().aget_prediction("x"))
+
+
+# ---------------------------------------------------------------- wait_for_prediction / run
+def test_wait_for_prediction_success(hook, emulator):
+    prediction = hook.create_prediction("wf-1", {})
+    seen = []
+    started = time.monotonic()
+    done = hook.wait_for_prediction(prediction.id, poll_interval=0.05, timeout=10, on_update=seen.append)
+    assert time.monotonic() - started < 5
+    assert done.succeeded
+    assert done.output == {
+        "images": {"url": f"{emulator.url}/_emulator/files/outputs/{prediction.id}/output.png"}
+    }
+    assert seen[-1] is done
+    assert [p.status for p in seen[:-1]] and all(not p.finished for p in seen[:-1])
+    assert emulator.stats()["calls"]["comfy_get_result"] == 1
+
+
+def test_wait_for_prediction_failure(hook):
+    prediction = hook.create_prediction("wf-fail", {})
+    with pytest.raises(SpeedPixPredictionFailed) as info:
+        hook.wait_for_prediction(prediction.id, poll_interval=0.05, timeout=10)
+    err = info.value
+    assert err.prediction_id == prediction.id
+    assert err.error_code == "WORKFLOW_EXECUTION_FAILED"
+    assert "KSampler" in err.error_message
+    assert prediction.id in str(err) and "WORKFLOW_EXECUTION_FAILED" in str(err) and "KSampler" in str(err)
+
+
+def test_wait_for_prediction_timeout(hook):
+    prediction = hook.create_prediction("sleep-100", {})
+    started = time.monotonic()
+    with pytest.raises(SpeedPixTimeoutError) as info:
+        hook.wait_for_prediction(prediction.id, poll_interval=0.05, timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 2
+    assert info.value.prediction_id == prediction.id
+    assert info.value.last_status in ("waiting", "running")
+    assert prediction.id in str(info.value) and "0.3s" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"poll_interval": 0}, {"poll_interval": -1}, {"timeout": 0}, {"timeout": True}]
+)
+def test_wait_for_prediction_bad_arguments(hook, kwargs):
+    with pytest.raises(SpeedPixConfigError):
+        hook.wait_for_prediction("x", **kwargs)
+
+
+def test_run_returns_output(hook, emulator, png_file):
+    output = hook.run("wf-1", {"text": "白", "image": str(png_file)}, poll_interval=0.05, timeout=10)
+    assert set(output) == {"images"}
+    assert fetch(hook, output["images"]["url"]).startswith(PNG_MAGIC)
+    stats = emulator.stats()["calls"]
+    assert stats["comfy_prompt"] == 1
+    assert stats["upload_put"] == 1
+
+
+def test_run_without_wait(hook, emulator):
+    prediction = hook.run("sleep-100", {}, wait=False, timeout=1)
+    assert isinstance(prediction, Prediction)
+    assert prediction.status == "waiting"
+    assert emulator.stats()["calls"]["comfy_get_progress"] == 0
+
+
+def test_run_failure_and_timeout(hook):
+    with pytest.raises(SpeedPixPredictionFailed):
+        hook.run("wf-fail", {}, poll_interval=0.05, timeout=10)
+    with pytest.raises(SpeedPixTimeoutError):
+        hook.run("sleep-100", {}, poll_interval=0.05, timeout=0.2)
+
+
+# ---------------------------------------------------------------- download
+@pytest.fixture
+def output_url(hook):
+    prediction = hook.create_prediction("sleep-0", {})
+    return hook.get_prediction(prediction.id).output["images"]["url"]
+
+
+def test_download_to_file_path(hook, emulator, output_url, tmp_path):
+    target = tmp_path / "nested" / "dir" / "result.png"
+    written = hook.download(output_url, str(target))
+    assert Path(written) == target
+    assert target.read_bytes().startswith(PNG_MAGIC)
+    assert not list(target.parent.glob("*.part"))
+    assert emulator.stats()["calls"]["file_get"] == 1
+
+
+def test_download_to_directory(hook, output_url, tmp_path):
+    written = hook.download(output_url, tmp_path)
+    assert written == tmp_path / "output.png"
+    assert written.read_bytes().startswith(PNG_MAGIC)
+    # a not-yet-existing directory given with a trailing slash
+    written = hook.download(output_url, f"{tmp_path}/new/")
+    assert written == tmp_path / "new" / "output.png"
+    assert written.is_file()
+
+
+def test_download_to_object_storage_path(hook, output_url, tmp_path):
+    from airflow.sdk import ObjectStoragePath
+
+    target = ObjectStoragePath(f"file://{tmp_path}/osp.png")
+    written = hook.download(output_url, target)
+    assert (tmp_path / "osp.png").read_bytes().startswith(PNG_MAGIC)
+    assert str(written) == str(target)
+    into_dir = hook.download(output_url, ObjectStoragePath(f"file://{tmp_path}/"))
+    assert into_dir.name == "output.png"
+    assert (tmp_path / "output.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://host/x.png", "/local/path.png", "javascript:alert(1)", ""]
+)
+def test_download_rejects_non_http(hook, emulator, tmp_path, url):
+    with pytest.raises(SpeedPixDownloadError, match="only http"):
+        hook.download(url, tmp_path)
+    assert not list(tmp_path.iterdir())
+    assert emulator.stats()["calls"]["file_get"] == 0
+
+
+def test_download_missing_file_is_not_retried(hook, emulator, tmp_path):
+    with pytest.raises(SpeedPixDownloadError, match="HTTP 404") as info:
+        hook.download(
+            f"{emulator.url}/_emulator/files/outputs/nope/output.png?token=SECRETQ", tmp_path / "x.png"
+        )
+    assert "SECRETQ" not in str(info.value)
+    assert emulator.stats()["calls"]["file_get"] == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_download_retries_5xx(hook, emulator, output_url, tmp_path):
+    emulator.inject("file_get", "503", times=2)
+    written = hook.download(output_url, tmp_path)
+    assert written.read_bytes().startswith(PNG_MAGIC)
+    assert emulator.stats()["calls"]["file_get"] == 3
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["..%2F..%2Fevil.png", "..%5C..%5Cevil.png", "%2E%2E%2Fevil.png", "%2E%2E", "%2F", "evil.png%00"],
+)
+def test_download_url_file_name_stays_inside_directory(hook, requests_mock, tmp_path, name):
+    inside = tmp_path / "out"
+    inside.mkdir()
+    url = f"https://cdn.example.com/files/{name}?Signature=abc"
+    requests_mock.get(url, content=PNG_MAGIC)
+    written = Path(hook.download(url, inside))
+    assert written.parent == inside
+    assert written.read_bytes() == PNG_MAGIC
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [written.name]
+    assert not written.name.startswith(".")
+
+
+# ---------------------------------------------------------------- secrets never leak
+def test_secret_never_in_errors_or_logs(emulator, monkeypatch, caplog, capfd, png_file, tmp_path):
+    caplog.set_level(logging.INFO)
+    set_connection(monkeypatch, emulator, extra={"retry_limit": 2})
+    hook = SpeedPixHook()
+    secret = emulator.app_secret
+    messages: list[str] = []
+
+    def expect_error(fn, *args, **kwargs):
+        with pytest.raises(SpeedPixError) as info:
+            fn(*args, **kwargs)
+        messages.append(str(info.value))
+        messages.append(repr(info.value))
+
+    hook.run("wf-1", {"image": png_file}, poll_interval=0.05, timeout=10)
+    expect_error(hook.create_prediction, "wf-missing", {})
+    expect_error(
+        hook.wait_for_prediction, hook.create_prediction("wf-fail", {}).id, poll_interval=0.05, timeout=10
+    )
+    expect_error(hook.get_prediction, "missing-task")
+    emulator.inject("comfy_get_progress", "500", times=2)
+    expect_error(hook.get_prediction, "x")
+    emulator.inject("comfy_get_progress", "html", times=2)
+    expect_error(hook.get_prediction, "x")
+    emulator.inject("comfy_prompt", "malformed")
+    expect_error(hook.create_prediction, "wf-1", {})
+    expect_error(hook.download, "file:///etc/passwd", tmp_path)
+    messages.append(repr(hook.settings))
+    messages.append(str(hook.test_connection()))
+
+    # a wrong secret that extends the real one must not leak either
+    set_connection(monkeypatch, emulator, password=secret + "-WRONG")
+    wrong = SpeedPixHook()
+    expect_error(wrong.create_prediction, "wf-1", {})
+    expect_error(lambda: asyncio.run(wrong.aget_prediction("x")))
+    messages.append(str(wrong.test_connection()))
+
+    logs = caplog.text + "".join(capfd.readouterr())
+    assert "Created SpeedPix prediction" in logs  # the hook's own log lines were captured
+    for text in [*messages, logs]:
+        assert secret not in text
+        assert "Signature=" not in text  # pre-signed upload URLs are credentials too
+    assert len(messages) >= 12
