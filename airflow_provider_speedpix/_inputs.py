@@ -60,6 +60,17 @@ def looks_like_local_path(value: str) -> bool:
     return value.startswith(_PATH_PREFIXES) or (len(value) > 2 and value[1] == ":" and value[2] in "\\/")
 
 
+def expand_user(path: Path) -> Path:
+    """``path.expanduser()``, but ``~name`` of an unknown user (or a NUL byte) stays as written.
+
+    pathlib raises RuntimeError / ValueError there; a prompt such as ``"~5 items"`` must stay text.
+    """
+    try:
+        return path.expanduser()
+    except (RuntimeError, ValueError):
+        return path
+
+
 def is_object_storage_path(value: Any) -> bool:
     """True for Airflow's ``ObjectStoragePath`` (checked without importing it eagerly)."""
     cls = type(value)
@@ -88,7 +99,7 @@ def _local_file(path: Path, where: str) -> Path:
         raise SpeedPixInputError(f"{where}: {str(path)!r} is a directory; pass a single file.")
     if not path.exists():
         raise SpeedPixInputError(
-            f"{where}: file {str(path)!r} does not exist on this worker (resolved to {str(path.resolve())!r}). "
+            f"{where}: file {str(path)!r} does not exist on this worker (resolved to {_resolved(path)!r}). "
             "Fix the path, or upload it first with SpeedPixHook.upload_file and pass its URL."
         )
     if not os.access(path, os.R_OK):
@@ -96,6 +107,13 @@ def _local_file(path: Path, where: str) -> Path:
     if path.stat().st_size == 0:
         raise SpeedPixInputError(f"{where}: file {str(path)!r} is empty (0 bytes); nothing to send.")
     return path
+
+
+def _resolved(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError, ValueError):  # e.g. a NUL byte in the path
+        return str(path)
 
 
 def _data_uri(stream: IO[bytes], filename: str, where: str) -> str:
@@ -135,7 +153,7 @@ class InputPreparer:
             return value
         if isinstance(value, str):
             if looks_like_local_path(value):
-                path = Path(value).expanduser()
+                path = expand_user(Path(value))
                 if path.exists() or path.suffix.lower() in MEDIA_SUFFIXES:
                     return self._file(_local_file(path, where), where)
             return value
@@ -149,7 +167,7 @@ class InputPreparer:
                 raise SpeedPixInputError(f"{where}: {value} does not exist or is not a file.")
             return self._file(value, where)
         if isinstance(value, PurePath):
-            return self._file(_local_file(Path(value).expanduser(), where), where)
+            return self._file(_local_file(expand_user(Path(value)), where), where)
         if is_file_object(value):
             return self._file(value, where)
         if isinstance(value, bytes | bytearray | memoryview):

@@ -168,7 +168,7 @@ def read_envelope(
     text = content.decode("utf-8", errors="replace")
     try:
         doc = json.loads(text) if text.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the interpreter's stack
         doc = None
     if not isinstance(doc, dict):
         kind = "an HTML page" if text.lstrip()[:1] == "<" else ("an empty body" if not text.strip() else "")
@@ -239,7 +239,7 @@ def _number(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond the float range
         return None
     return number if math.isfinite(number) else None
 

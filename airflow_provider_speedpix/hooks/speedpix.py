@@ -31,6 +31,7 @@ from airflow_provider_speedpix._inputs import (
     InputPreparer,
     _local_file,
     check_strategy,
+    expand_user,
     guess_content_type,
     is_file_object,
     is_object_storage_path,
@@ -554,6 +555,7 @@ class SpeedPixHook(BaseHook):
         settings = self.settings
         host = urllib.parse.urlsplit(url).netloc
         for attempt in range(1, settings.retry_limit + 1):
+            failure: SpeedPixDownloadError | None = None
             try:
                 with self.get_conn().get(url, stream=True, timeout=settings.timeout) as response:
                     if response.status_code >= 400:
@@ -567,10 +569,13 @@ class SpeedPixHook(BaseHook):
                         _write_stream(response.iter_content(CHUNK), target)
                         return target
             except requests.RequestException as err:
-                if attempt == settings.retry_limit:
-                    raise SpeedPixDownloadError(
-                        f"Downloading {_url_for_log(url)}: {_requests_error('download', err, host)}"
-                    ) from None
+                # Raised below, outside this block: requests' error names the full URL (the query string of
+                # a pre-signed URL is a credential) and would stay chained as __context__ even `from None`.
+                failure = SpeedPixDownloadError(
+                    f"Downloading {_url_for_log(url)}: {_requests_error('download', err, host)}"
+                )
+            if failure is not None and attempt == settings.retry_limit:
+                raise failure
             time.sleep(min(settings.retry_max_delay, settings.retry_delay * 2 ** (attempt - 1)))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -788,7 +793,7 @@ def _open_source(source: Any) -> Iterator[tuple[IO[bytes], str]]:
         with source.open("rb") as stream:
             yield stream, source.name
     elif isinstance(source, str | os.PathLike):
-        path = _local_file(Path(source).expanduser(), "upload_file")
+        path = _local_file(expand_user(Path(source)), "upload_file")
         with path.open("rb") as stream:
             yield stream, path.name
     elif is_file_object(source):
