@@ -549,7 +549,7 @@ class SpeedPixHook(BaseHook):
         scheme = urllib.parse.urlsplit(str(url)).scheme
         if scheme not in ("http", "https"):
             raise SpeedPixDownloadError(
-                f"Refusing to download {str(url)[:100]!r}: only http(s) URLs are fetched (got scheme {scheme!r})."
+                f"Refusing to download {_url_for_log(str(url))[:100]!r}: only http(s) URLs are fetched (got scheme {scheme!r})."
             )
         target = _resolve_destination(url, destination)
         settings = self.settings
