@@ -16,6 +16,7 @@ from airflow_provider_speedpix.exceptions import (
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.sensors.speedpix import SpeedPixPredictionSensor
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
+from tests.test_operator import ti_of, xcom
 
 HEADER = """
 import datetime
@@ -25,24 +26,6 @@ from airflow_provider_speedpix.operators.speedpix import SpeedPixRunOperator
 from airflow_provider_speedpix.sensors.speedpix import SpeedPixPredictionSensor
 dag = DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
 """
-
-
-def ti_of(dag_run, task_id: str):
-    [ti] = [ti for ti in dag_run.get_task_instances() if ti.task_id == task_id]
-    return ti
-
-
-def xcom(dag_run, task_id: str, key: str = "return_value"):
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        row = (
-            session.query(XComModel)
-            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key=key)
-            .one_or_none()
-        )
-        return None if row is None else XComModel.deserialize_value(row)
 
 
 @pytest.fixture(scope="module", autouse=True)
