@@ -709,3 +709,36 @@ def test_secret_never_in_errors_or_logs(emulator, monkeypatch, caplog, capfd, pn
         assert secret not in text
         assert "Signature=" not in text  # pre-signed upload URLs are credentials too
     assert len(messages) >= 12
+
+
+def test_upload_url_query_redacted_from_urllib3_debug_log(hook, png_file, caplog):
+    """Even at DEBUG, urllib3's request lines must not carry the pre-signed URL's credentials."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):
+        hook.upload_file(png_file)
+    lines = [r.getMessage() for r in caplog.records if r.name == "urllib3.connectionpool"]
+    put_lines = [line for line in lines if '"PUT ' in line]
+    assert put_lines, lines  # the PUT was logged at all, so the check below means something
+    assert not [line for line in lines if "Signature=" in line or "Expires=" in line]
+    assert all("?<redacted>" in line for line in put_lines)
+
+
+def test_stream_broken_mid_body_leaves_no_partial_file_and_is_retryable(tmp_path):
+    """A dropped connection mid-download is re-raised as the transport error (so download retries it),
+    not reported as an unwritable destination, and no half-written file stays behind."""
+    import requests
+
+    from airflow_provider_speedpix.hooks.speedpix import _write_stream
+
+    def chunks():
+        yield b"partial"
+        raise requests.exceptions.ChunkedEncodingError("connection broken mid-body")
+
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        _write_stream(chunks(), tmp_path / "out.png")
+    assert list(tmp_path.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SpeedPixDownloadError, match="Choose a writable output_dir"):
+        _write_stream(iter([b"data"]), blocker / "out.png")

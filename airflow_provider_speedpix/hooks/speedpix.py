@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 import re
 import time
@@ -101,6 +102,24 @@ def _in_flight_slots() -> asyncio.Semaphore:
     if slots is None:
         slots = _ASYNC_SLOTS[loop] = asyncio.Semaphore(MAX_IN_FLIGHT)
     return slots
+
+
+class _RedactQueryStrings(logging.Filter):
+    """urllib3 logs each request line at DEBUG; a pre-signed upload URL's query string is a credential."""
+
+    _QUERY = re.compile(r"\?[^\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._QUERY.sub("?<redacted>", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+_URLLIB3_LOG = logging.getLogger("urllib3.connectionpool")
+if not any(isinstance(f, _RedactQueryStrings) for f in _URLLIB3_LOG.filters):
+    _URLLIB3_LOG.addFilter(_RedactQueryStrings())
 
 
 @dataclass(frozen=True)
@@ -674,7 +693,9 @@ class SpeedPixHook(BaseHook):
 
         ``options`` are :meth:`create_prediction`'s keywords plus ``poll_interval`` and ``timeout``.
         """
-        wait_options = {k: options.pop(k) for k in ("poll_interval", "timeout") if k in options}
+        wait_options = {
+            k: options.pop(k) for k in ("poll_interval", "timeout", "max_poll_interval") if k in options
+        }
         prediction = self.create_prediction(workflow_id, inputs, **options)
         if not wait:
             return prediction
@@ -833,26 +854,29 @@ def _resolve_destination(url: str, destination: Any) -> Any:
 
 
 def _write_stream(chunks: Iterator[bytes], target: Any) -> None:
-    if isinstance(target, Path):
-        partial = target.with_name(target.name + ".part")
-        try:
-            with partial.open("wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-            os.replace(partial, target)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                partial.unlink()
-            raise SpeedPixDownloadError(
-                f"download: cannot write {str(target)!r} ({err.strerror}). Choose a writable output_dir."
-            ) from None
-        return
+    """Write chunks to ``target``; a local file appears only when complete (written as ``.part`` first).
+
+    A broken stream (a ``requests`` error) is re-raised for the caller to retry; a file-system error
+    becomes a :class:`SpeedPixDownloadError` naming the destination.
+    """
+    local = isinstance(target, Path)
+    partial = target.with_name(target.name + ".part") if local else target
     try:
-        with target.open("wb") as out:
+        with partial.open("wb") as out:
             for chunk in chunks:
                 out.write(chunk)
-    except OSError as err:
-        raise SpeedPixDownloadError(f"download: cannot write {target} ({err}).") from None
+        if local:
+            os.replace(partial, target)
+    except BaseException as err:
+        if local:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+        if isinstance(err, OSError) and not isinstance(err, requests.RequestException):
+            reason = err.strerror or str(err)
+            raise SpeedPixDownloadError(
+                f"download: cannot write {target} ({reason}). Choose a writable output_dir."
+            ) from None
+        raise
 
 
 __all__ = ["SpeedPixHook", "SpeedPixSettings", "raise_for_prediction", "shared_async_client", "should_retry"]
