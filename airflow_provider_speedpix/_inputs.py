@@ -103,9 +103,15 @@ def _local_file(path: Path, where: str) -> Path:
             "Fix the path, or upload it first with SpeedPixHook.upload_file and pass its URL."
         )
     if not os.access(path, os.R_OK):
-        raise SpeedPixInputError(f"{where}: file {str(path)!r} is not readable by this worker's user.")
+        raise SpeedPixInputError(
+            f"{where}: file {str(path)!r} is not readable by this worker's user. Fix its permissions "
+            "(e.g. chmod a+r) or make it readable by the user the worker runs as."
+        )
     if path.stat().st_size == 0:
-        raise SpeedPixInputError(f"{where}: file {str(path)!r} is empty (0 bytes); nothing to send.")
+        raise SpeedPixInputError(
+            f"{where}: file {str(path)!r} is empty (0 bytes); nothing to send. Check that the task that "
+            "writes it finished, or pass a different file."
+        )
     return path
 
 
@@ -126,7 +132,10 @@ def _data_uri(stream: IO[bytes], filename: str, where: str) -> str:
             "Use file_encoding_strategy='url' (the default), which uploads files of any size."
         )
     if not data:
-        raise SpeedPixInputError(f"{where}: {filename or 'the file'} is empty (0 bytes); nothing to send.")
+        raise SpeedPixInputError(
+            f"{where}: {filename or 'the file'} is empty (0 bytes); nothing to send. Check that it was "
+            "written completely, or pass a different file."
+        )
     return f"data:{guess_content_type(filename)};base64,{base64.b64encode(data).decode('ascii')}"
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import time
@@ -157,8 +158,14 @@ def normalise_endpoint(host: str | None, *, scheme: str | None = None, port: int
             f"Endpoint {host!r} has a path; the API paths (/scc/...) are added by the hook. Set the "
             f"Endpoint to {parsed.scheme}://{parsed.netloc} only."
         )
+    try:
+        parsed_port = parsed.port
+    except ValueError:
+        raise SpeedPixConfigError(
+            f"Endpoint {host!r} has an invalid port. Set the Endpoint to e.g. http://127.0.0.1:8000."
+        ) from None
     netloc = parsed.netloc
-    if port and not parsed.port:
+    if port and not parsed_port:
         netloc = f"{netloc}:{port}"
     return f"{parsed.scheme}://{netloc}"
 
@@ -174,6 +181,11 @@ def _settings_from(
 ) -> SpeedPixSettings:
     if not (login or "").strip():
         raise SpeedPixConfigError(f"{source}: the App Key (login) is empty. Set it to your SpeedPix app_key.")
+    if not login.strip().isascii() or not login.strip().isprintable():  # type: ignore[union-attr]
+        raise SpeedPixConfigError(
+            f"{source}: the App Key (login) must be printable ASCII (it is sent as a header). Copy the "
+            "app_key from the SpeedPix console again."
+        )
     if not (password or "").strip():
         raise SpeedPixConfigError(
             f"{source}: the App Secret (password) is empty. Set it to your SpeedPix app_secret."
@@ -187,7 +199,7 @@ def _settings_from(
             result = cast(value)
         except (TypeError, ValueError):
             raise SpeedPixConfigError(f"{source}: extra `{name}` must be a number, got {value!r}.") from None
-        if result < minimum:
+        if not math.isfinite(result) or result < minimum:
             raise SpeedPixConfigError(f"{source}: extra `{name}` must be >= {minimum}, got {value!r}.")
         return result
 
@@ -347,6 +359,8 @@ class SpeedPixHook(BaseHook):
             try:
                 conn = self.get_connection(self.speedpix_conn_id)
             except AirflowNotFoundException:
+                conn = None  # fall back below, outside the handler: no chained not-found traceback
+            if conn is None:
                 self._settings = self._settings_from_env()
             else:
                 self._settings = self._settings_from_connection(conn, conn.extra_dejson)
@@ -363,6 +377,8 @@ class SpeedPixHook(BaseHook):
             try:
                 conn = await get_async_connection(self.speedpix_conn_id)
             except AirflowNotFoundException:
+                conn = None  # fall back below, outside the handler: no chained not-found traceback
+            if conn is None:
                 self._settings = self._settings_from_env()
             else:
                 self._settings = self._settings_from_connection(conn, await get_async_extra_dejson(conn))
@@ -551,7 +567,7 @@ class SpeedPixHook(BaseHook):
                     f"Uploading {filename!r} to {host} failed: HTTP {response.status_code} "
                     f"{_xml_code(text)}. The pre-signed URL is single-use and short-lived; run the task again."
                 )
-                retry = response.status_code >= 500
+                retry = response.status_code >= 500 or response.status_code == 429  # throttled: idempotent
             if not retry or attempt == attempts:
                 raise error
             delay = min(settings.retry_max_delay, settings.retry_delay * 2 ** (attempt - 1))
@@ -582,7 +598,8 @@ class SpeedPixHook(BaseHook):
                             f"Downloading {_url_for_log(url)} failed: HTTP {response.status_code}. Output URLs "
                             "are temporary; download soon after the prediction finishes."
                         )
-                        if response.status_code < 500 or attempt == settings.retry_limit:
+                        retryable = response.status_code >= 500 or response.status_code == 429
+                        if not retryable or attempt == settings.retry_limit:
                             raise error
                     else:  # a 5xx falls through to the backoff below (a bare `continue` skipped it)
                         _write_stream(response.iter_content(CHUNK), target)
@@ -616,6 +633,12 @@ class SpeedPixHook(BaseHook):
         Retried only where the request provably did not reach the backend, so it never creates two.
         """
         check_strategy(file_encoding_strategy)
+        resource = resource_config_id or self.settings.resource_config_id or "default"
+        if not resource.isascii() or not resource.isprintable():
+            raise SpeedPixConfigError(
+                f"`resource_config_id` {resource!r} must be printable ASCII (it is sent as a header); copy "
+                "it from the SpeedPix console."
+            )
         proto.create_prediction_body(
             workflow_id, {}, alias_id=alias_id, version_id=version_id
         )  # validate early
@@ -630,7 +653,6 @@ class SpeedPixHook(BaseHook):
             randomise_seeds=randomise_seeds,
             return_temp_files=return_temp_files,
         )
-        resource = resource_config_id or self.settings.resource_config_id or "default"
         envelope = self._call(proto.CREATE, body, headers={"X-SP-RESOURCE-CONFIG-ID": resource})
         prediction = proto.parse_created(envelope)
         self.log.info(
