@@ -215,11 +215,17 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="WORKFLOW", inputs={"tex
         ({"poll_interval": 0}, "poll_interval"),
         ({"timeout": -1}, "timeout"),
         ({"file_encoding_strategy": "zip"}, "file_encoding_strategy"),
+        ({"workflow_id": "  "}, "workflow_id"),
+        ({"alias_id": "main", "version_id": "v1"}, "either `alias_id`"),
     ],
 )
 def test_bad_arguments_fail_at_dag_parse_time(kwargs, message):
     with pytest.raises(SpeedPixConfigError, match=message):
-        SpeedPixRunOperator(task_id="t", workflow_id="wf", **kwargs)
+        SpeedPixRunOperator(task_id="t", **{"workflow_id": "wf", **kwargs})
+
+
+def test_templated_ids_are_checked_when_rendered_not_at_parse_time():
+    SpeedPixRunOperator(task_id="t", workflow_id="{{ var.value.wf }}", alias_id="main", version_id="{{ v }}")
 
 
 def test_template_fields_cover_what_authors_template():

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_speedpix._inputs import check_strategy
-from airflow_provider_speedpix._protocol import Prediction, iter_output_urls
+from airflow_provider_speedpix._protocol import Prediction, create_prediction_body, iter_output_urls
 from airflow_provider_speedpix.exceptions import SpeedPixNotFoundError
 from airflow_provider_speedpix.hooks.speedpix import (
     DEFAULT_POLL_INTERVAL,
@@ -48,6 +48,10 @@ def output_files_plan(output: Any, output_dir: Any) -> list[tuple[str, str, Any]
         suffix = PurePosixPath(urlsplit(url).path).suffix[:10]
         plan.append((where, url, _join(output_dir, _safe_filename(stem + suffix))))
     return plan
+
+
+def _templated(value: Any) -> bool:
+    return isinstance(value, str) and "{{" in value
 
 
 def _join(directory: Any, name: str) -> Any:
@@ -128,6 +132,8 @@ class SpeedPixRunOperator(BaseOperator):
         self.randomise_seeds = randomise_seeds
         self.return_temp_files = return_temp_files
         self.file_encoding_strategy = check_strategy(file_encoding_strategy)
+        if not any(_templated(v) for v in (workflow_id, alias_id, version_id)):
+            create_prediction_body(workflow_id, {}, alias_id=alias_id, version_id=version_id)  # fail at parse
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = check_positive("poll_interval", poll_interval)
