@@ -90,15 +90,15 @@ def main() -> int:
             return 1
         with urllib.request.urlopen(f"{url}/_emulator/stats", timeout=5) as response:
             calls = json.load(response)["calls"]
-        print(f"\nSpeedPix demo succeeded: emulator saw {calls['comfy_prompt']} prediction(s).")
-        print(f"Output image: {images[0]}")
-        return 0
     finally:
         emulator.terminate()
         try:
             emulator.wait(timeout=10)
         except subprocess.TimeoutExpired:
             emulator.kill()
+    print(f"\nSpeedPix demo succeeded: the emulator saw {calls['comfy_prompt']} prediction(s).")
+    print(f"Output image: {images[0]}")
+    return 0
 
 
 if __name__ == "__main__":
