@@ -137,6 +137,7 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={{"te
     assert ti.try_number == 2
     assert speedpix_conn.calls("comfy_prompt") == 1
     assert (tmp_path / "out" / "images.png").read_bytes()[:8] == PNG_MAGIC
+    assert xcom(dr, "run", "prediction_id") == xcom(dr, "run")["prediction_id"]  # republished on the retry
 
 
 def test_worker_interrupted_while_waiting_reconnects(run_dag, speedpix_conn):

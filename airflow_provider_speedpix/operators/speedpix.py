@@ -169,7 +169,8 @@ class SpeedPixRunOperator(BaseOperator):
             }
             if store is not None:
                 store.set(STATE_KEY, self._state)
-            context["ti"].xcom_push(key="prediction_id", value=prediction.id)
+        # Published at once (a new try starts with empty XCom, so a resumed prediction is published too).
+        context["ti"].xcom_push(key="prediction_id", value=prediction.id)
         if not self.wait_for_completion:
             self._forget(store)
             return prediction.id
