@@ -47,20 +47,30 @@ def airflow_db() -> Path:
     return _HOME
 
 
+def use_speedpix_connection(
+    monkeypatch, *, host: str, login: str, password: str, extra: dict, **fields: object
+) -> None:
+    """Set ``speedpix_default`` through ``AIRFLOW_CONN_SPEEDPIX_DEFAULT`` (the one place tests build it)."""
+    conn = {
+        "conn_type": "speedpix",
+        "host": host,
+        "login": login,
+        "password": password,
+        "extra": extra,
+        **fields,
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", json.dumps(conn))
+
+
 @pytest.fixture
 def speedpix_conn(emulator, monkeypatch):
     """Point ``speedpix_default`` at the in-process emulator, with fast retries."""
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "speedpix",
-                "host": emulator.url,
-                "login": emulator.app_key,
-                "password": emulator.app_secret,
-                "extra": {"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 2, "timeout": 5},
-            }
-        ),
+    use_speedpix_connection(
+        monkeypatch,
+        host=emulator.url,
+        login=emulator.app_key,
+        password=emulator.app_secret,
+        extra={"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 2, "timeout": 5},
     )
     return emulator
 

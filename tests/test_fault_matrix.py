@@ -41,6 +41,7 @@ from airflow_provider_speedpix.exceptions import (
 from airflow_provider_speedpix.hooks import speedpix as hook_module
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
+from tests.conftest import use_speedpix_connection
 
 RETRY_LIMIT = 3
 NORMAL_TIMEOUT = 5.0
@@ -75,6 +76,7 @@ FAULTS = (
     "unknown",  # unknown workflow / prediction / file
     "expired",  # pre-signed upload URL expired
 )
+
 GATEWAY_CODES = {"signature": "I400SG", "timestamp": "I400HD", "nonce": "I400NC"}
 EMULATOR_KINDS = {"5xx_short": "503", "5xx_long": "503"}
 
@@ -238,22 +240,12 @@ NOT_APPLICABLE = {
 
 # ---------------------------------------------------------------------- plumbing
 def use_connection(monkeypatch, emulator, *, timeout: float = NORMAL_TIMEOUT) -> None:
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "speedpix",
-                "host": emulator.url,
-                "login": emulator.app_key,
-                "password": emulator.app_secret,
-                "extra": {
-                    "retry_limit": RETRY_LIMIT,
-                    "retry_delay": 0.01,
-                    "retry_max_delay": 0.03,
-                    "timeout": timeout,
-                },
-            }
-        ),
+    use_speedpix_connection(
+        monkeypatch,
+        host=emulator.url,
+        login=emulator.app_key,
+        password=emulator.app_secret,
+        extra={"retry_limit": RETRY_LIMIT, "retry_delay": 0.01, "retry_max_delay": 0.03, "timeout": timeout},
     )
 
 

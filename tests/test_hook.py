@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,24 +29,17 @@ from airflow_provider_speedpix.hooks.speedpix import (
     SpeedPixHook,
     normalise_endpoint,
 )
+from tests.conftest import use_speedpix_connection
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXTRA = {"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 5}
 
 
 def set_connection(monkeypatch, emulator, **overrides):
-    conn = {
-        "conn_type": "speedpix",
-        "host": emulator.url,
-        "login": emulator.app_key,
-        "password": emulator.app_secret,
-        "extra": dict(EXTRA),
-    }
-    extra = overrides.pop("extra", None)
+    conn = {"host": emulator.url, "login": emulator.app_key, "password": emulator.app_secret}
+    extra = {**EXTRA, **(overrides.pop("extra", None) or {})}
     conn.update(overrides)
-    if extra:
-        conn["extra"].update(extra)
-    monkeypatch.setenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", json.dumps(conn))
+    use_speedpix_connection(monkeypatch, extra=extra, **conn)
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from airflow_provider_speedpix.exceptions import (
 )
 from airflow_provider_speedpix.hooks import speedpix as hook_module
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, should_retry
+from tests.conftest import use_speedpix_connection
 
 BASE = "http://sp.test"
 KEY, SECRET = "mock-key", "mock-secret-DO-NOT-LEAK"
@@ -43,15 +44,8 @@ RETRY_LIMIT = 4
 
 
 def use_connection(monkeypatch, host=BASE, **extra):
-    conn = {
-        "conn_type": "speedpix",
-        "host": host,
-        "login": KEY,
-        "password": SECRET,
-        "extra": {"retry_delay": 0.001, "retry_max_delay": 0.005, "timeout": 5, "retry_limit": RETRY_LIMIT},
-    }
-    conn["extra"].update(extra)
-    monkeypatch.setenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", json.dumps(conn))
+    base = {"retry_delay": 0.001, "retry_max_delay": 0.005, "timeout": 5, "retry_limit": RETRY_LIMIT}
+    use_speedpix_connection(monkeypatch, host=host, login=KEY, password=SECRET, extra={**base, **extra})
 
 
 @pytest.fixture
@@ -560,17 +554,12 @@ def test_shared_async_client_is_per_loop():
 # ---------------------------------------------------------------- emulator fault injection
 @pytest.fixture
 def emu_hook(emulator, monkeypatch):
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "speedpix",
-                "host": emulator.url,
-                "login": emulator.app_key,
-                "password": emulator.app_secret,
-                "extra": {"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 5},
-            }
-        ),
+    use_speedpix_connection(
+        monkeypatch,
+        host=emulator.url,
+        login=emulator.app_key,
+        password=emulator.app_secret,
+        extra={"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 5},
     )
     return SpeedPixHook()
 
@@ -614,17 +603,12 @@ def test_emulator_faults_on_progress_are_retried_async(emulator, emu_hook, kind)
 
 
 def test_emulator_slow_create_times_out_once(emulator, monkeypatch):
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "speedpix",
-                "host": emulator.url,
-                "login": emulator.app_key,
-                "password": emulator.app_secret,
-                "extra": {"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 0.3},
-            }
-        ),
+    use_speedpix_connection(
+        monkeypatch,
+        host=emulator.url,
+        login=emulator.app_key,
+        password=emulator.app_secret,
+        extra={"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 0.3},
     )
     emulator.inject("comfy_prompt", "slow", delay=1.0)
     started = time.monotonic()

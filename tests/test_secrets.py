@@ -37,7 +37,7 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixUploadError,
 )
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
-from tests.conftest import ROOT
+from tests.conftest import ROOT, use_speedpix_connection
 from tests.test_example_dags import load
 from tests.test_operator import HEADER, ti_of, xcom
 
@@ -102,18 +102,7 @@ def emulator_log(leak_emulator) -> Iterator[LogCollector]:
 
 
 def set_connection(monkeypatch, server: EmulatorServer, password: str = SECRET) -> None:
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "speedpix",
-                "host": server.url,
-                "login": APP_KEY,
-                "password": password,
-                "extra": EXTRA,
-            }
-        ),
-    )
+    use_speedpix_connection(monkeypatch, host=server.url, login=APP_KEY, password=password, extra=EXTRA)
 
 
 @pytest.fixture

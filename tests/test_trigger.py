@@ -26,6 +26,7 @@ from airflow_provider_speedpix.triggers.speedpix import (
     prediction_event,
     raise_for_event,
 )
+from tests.conftest import use_speedpix_connection
 
 CLASSPATH = "airflow_provider_speedpix.triggers.speedpix.SpeedPixPredictionTrigger"
 
@@ -159,17 +160,12 @@ def test_finished_prediction_wins_over_a_passed_deadline(speedpix_conn):
 
 def test_wrong_secret_is_one_error_event_without_retries(speedpix_conn, monkeypatch):
     prediction = create("sleep-1")
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_SPEEDPIX_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "speedpix",
-                "host": speedpix_conn.url,
-                "login": speedpix_conn.app_key,
-                "password": "not-the-secret",
-                "extra": {"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 3},
-            }
-        ),
+    use_speedpix_connection(
+        monkeypatch,
+        host=speedpix_conn.url,
+        login=speedpix_conn.app_key,
+        password="not-the-secret",
+        extra={"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 3},
     )
     event = run_trigger(SpeedPixPredictionTrigger(prediction.id, poll_interval=0.05), limit=10)
     assert event["status"] == "error"
