@@ -567,10 +567,10 @@ class SpeedPixHook(BaseHook):
                     f"Uploading {filename!r} to {host} failed: HTTP {response.status_code} "
                     f"{_xml_code(text)}. The pre-signed URL is single-use and short-lived; run the task again."
                 )
-                retry = response.status_code >= 500 or response.status_code == 429  # throttled: idempotent
+                retry = _retryable_status(response.status_code)
             if not retry or attempt == attempts:
                 raise error
-            delay = min(settings.retry_max_delay, settings.retry_delay * 2 ** (attempt - 1))
+            delay = _backoff(settings, attempt)
             self.log.warning("%s; retrying in %.1fs", error, delay)
             time.sleep(delay)
         return False  # pragma: no cover
@@ -598,8 +598,7 @@ class SpeedPixHook(BaseHook):
                             f"Downloading {_url_for_log(url)} failed: HTTP {response.status_code}. Output URLs "
                             "are temporary; download soon after the prediction finishes."
                         )
-                        retryable = response.status_code >= 500 or response.status_code == 429
-                        if not retryable or attempt == settings.retry_limit:
+                        if not _retryable_status(response.status_code) or attempt == settings.retry_limit:
                             raise error
                     else:  # a 5xx falls through to the backoff below (a bare `continue` skipped it)
                         _write_stream(response.iter_content(CHUNK), target)
@@ -612,7 +611,7 @@ class SpeedPixHook(BaseHook):
                 )
             if failure is not None and attempt == settings.retry_limit:
                 raise failure
-            time.sleep(min(settings.retry_max_delay, settings.retry_delay * 2 ** (attempt - 1)))
+            time.sleep(_backoff(settings, attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ predictions
@@ -745,6 +744,16 @@ def _connection_type() -> dict[str, Any]:
     from airflow_provider_speedpix import get_provider_info
 
     return get_provider_info()["connection-types"][0]
+
+
+def _retryable_status(status_code: int) -> bool:
+    """For plain storage requests (upload PUT, output GET), which are safe to repeat: 5xx and throttling."""
+    return status_code >= 500 or status_code == 429
+
+
+def _backoff(settings: SpeedPixSettings, attempt: int) -> float:
+    """Capped exponential delay before storage-request attempt ``attempt + 1``."""
+    return min(settings.retry_max_delay, settings.retry_delay * 2 ** (attempt - 1))
 
 
 def check_positive(name: str, value: Any) -> float:
