@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from airflow_provider_speedpix.exceptions import (
     SpeedPixAPIError,
@@ -60,6 +60,21 @@ def create_prediction_body(
     return_temp_files: bool | None = None,
 ) -> dict[str, Any]:
     """The ``comfy_prompt`` body. ``alias_id`` defaults to ``main`` when no version is pinned."""
+    workflow_id, alias_id = check_workflow_reference(workflow_id, alias_id=alias_id, version_id=version_id)
+    return {
+        "workflow_id": workflow_id,
+        "version_id": version_id,
+        "inputs": dict(inputs),
+        "alias_id": alias_id,
+        "randomise_seeds": randomise_seeds,
+        "return_temp_files": return_temp_files,
+    }
+
+
+def check_workflow_reference(
+    workflow_id: Any, *, alias_id: str | None = None, version_id: str | None = None
+) -> tuple[str, str | None]:
+    """Check which workflow version a prediction names; return ``(workflow_id, alias_id)`` as sent."""
     if not isinstance(workflow_id, str) or not workflow_id.strip():
         raise SpeedPixConfigError(
             f"`workflow_id` must be a non-empty string, got {workflow_id!r}. Copy the id of the published "
@@ -72,14 +87,7 @@ def create_prediction_body(
         )
     if version_id is None and alias_id is None:
         alias_id = "main"
-    return {
-        "workflow_id": workflow_id.strip(),
-        "version_id": version_id,
-        "inputs": dict(inputs),
-        "alias_id": alias_id,
-        "randomise_seeds": randomise_seeds,
-        "return_temp_files": return_temp_files,
-    }
+    return workflow_id.strip(), alias_id
 
 
 @dataclass(frozen=True)
@@ -375,15 +383,27 @@ def parse_upload_sign(envelope: Envelope) -> tuple[str, dict[str, Any]]:
     }
 
 
-def iter_output_urls(output: Any, where: str = "output") -> list[tuple[str, str]]:
-    """Every http(s) URL in a result, with its place (``output['images']['url']``), in document order."""
-    found: list[tuple[str, str]] = []
+class OutputURL(NamedTuple):
+    """One URL in a result and the keys leading to it (``("images", "url")``, ``("gallery", 0)``)."""
+
+    path: tuple[str | int, ...]
+    url: str
+
+    @property
+    def where(self) -> str:
+        """The place as Python would index it: ``output['images']['url']``."""
+        return "output" + "".join(f"[{key!r}]" for key in self.path)
+
+
+def iter_output_urls(output: Any, path: tuple[str | int, ...] = ()) -> list[OutputURL]:
+    """Every http(s) URL in a result, with its place, in document order."""
+    found: list[OutputURL] = []
     if isinstance(output, Mapping):
         for key, value in output.items():
-            found += iter_output_urls(value, f"{where}[{key!r}]")
+            found += iter_output_urls(value, (*path, key))
     elif isinstance(output, list | tuple):
         for index, value in enumerate(output):
-            found += iter_output_urls(value, f"{where}[{index}]")
+            found += iter_output_urls(value, (*path, index))
     elif isinstance(output, str) and output.startswith(("http://", "https://")):
-        found.append((where, output))
+        found.append(OutputURL(path, output))
     return found

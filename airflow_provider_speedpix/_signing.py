@@ -1,7 +1,9 @@
 """Alibaba Cloud API Gateway digest signing (HmacSHA256), as SpeedPix expects it.
 
-Pure functions, no I/O and no Airflow imports: the hook (sync and async), the emulator's verifier and
-the tests all use this one module, so the string-to-sign is defined exactly once.
+Pure functions, no I/O and no Airflow imports: the hook (sync and async), the emulator's gateway and
+the tests all use this one module, so the string-to-sign is defined exactly once. Both halves live here,
+as stripe-python keeps generate and verify together: :func:`sign_request` builds the headers and
+:func:`verify_request` checks them (constant-time comparison, a timestamp tolerance window).
 """
 
 from __future__ import annotations
@@ -97,3 +99,53 @@ def sign_request(
 def signatures_match(expected: str, received: str) -> bool:
     """Constant-time comparison, for verifiers."""
     return hmac.compare_digest(expected.encode("ascii", "replace"), received.encode("ascii", "replace"))
+
+
+#: How far a request's ``x-ca-timestamp`` may be from the verifier's clock (the gateway allows 15 minutes).
+DEFAULT_TOLERANCE_S = 900.0
+
+
+class SignatureVerificationError(ValueError):
+    """A signed request failed :func:`verify_request`.
+
+    ``reason`` is one of ``timestamp_format``, ``timestamp_expired``, ``signature``, ``content_md5``.
+    ``string_to_sign`` is the verifier's own string-to-sign (safe to show: it holds no secret).
+    """
+
+    def __init__(self, reason: str, message: str, string_to_sign: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.string_to_sign = string_to_sign
+
+
+def verify_request(
+    *,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    app_secret: str,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Check a request signed by :func:`sign_request`; raise :class:`SignatureVerificationError` if not.
+
+    In the gateway's order: the timestamp is within ``tolerance_s`` of ``clock()``, the signature rebuilt
+    from the received headers and the received ``x-ca-signature-headers`` list matches (constant time),
+    and ``content-md5``, when sent, is the MD5 of ``body``. The caller checks the key, the signature
+    method and nonce reuse (they need the verifier's own state).
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    try:
+        timestamp_ms = int(lower.get("x-ca-timestamp", ""))
+    except ValueError:
+        raise SignatureVerificationError("timestamp_format", "x-ca-timestamp is not an integer") from None
+    if abs(clock() - timestamp_ms / 1000.0) > tolerance_s:
+        raise SignatureVerificationError("timestamp_expired", "x-ca-timestamp is outside the tolerance")
+    signed = [n.strip() for n in lower.get("x-ca-signature-headers", "").split(",") if n.strip()]
+    to_sign = string_to_sign(method=method, path=path, headers=lower, signed_header_names=signed)
+    if not signatures_match(compute_signature(app_secret, to_sign), lower.get("x-ca-signature", "")):
+        raise SignatureVerificationError("signature", "the signature does not match", to_sign)
+    received_md5 = lower.get("content-md5")
+    if received_md5 is not None and received_md5 != content_md5(body):
+        raise SignatureVerificationError("content_md5", "content-md5 does not match the body", to_sign)

@@ -80,11 +80,19 @@ class SpeedPixNotFoundError(SpeedPixAPIError):
     """The workflow, version, alias or prediction does not exist."""
 
 
-class SpeedPixUploadError(SpeedPixError):
+class _StorageError(SpeedPixError):
+    """A plain storage request failed; ``retryable`` says whether another attempt may succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class SpeedPixUploadError(_StorageError):
     """Uploading a file to its pre-signed URL failed."""
 
 
-class SpeedPixDownloadError(SpeedPixError):
+class SpeedPixDownloadError(_StorageError):
     """Downloading an output file failed or its destination is unusable."""
 
 

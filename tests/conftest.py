@@ -105,3 +105,35 @@ def example_dags_folder(airflow_db):
     shutil.copytree(ROOT / "dags_examples", target, dirs_exist_ok=True)
     yield target
     shutil.rmtree(target, ignore_errors=True)
+
+
+class FakeClock:
+    """Stands in for a module's ``time`` (and its ``asyncio.sleep``): sleeping advances the clock and
+    records the delay; nothing really waits. Install it only on the module under test, so the event loop
+    and everything else keep the real clock."""
+
+    def __init__(self, start: float | None = None) -> None:
+        import time
+
+        self.now = time.time() if start is None else start
+        self.sleeps: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    monotonic = time
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    async def asleep(self, seconds: float, result: object = None) -> None:
+        self.sleep(seconds)
+
+    def install(self, monkeypatch, module) -> FakeClock:
+        from types import SimpleNamespace
+
+        monkeypatch.setattr(module, "time", self)
+        if hasattr(module, "asyncio"):
+            monkeypatch.setattr(module, "asyncio", SimpleNamespace(sleep=self.asleep))
+        return self

@@ -286,7 +286,7 @@ def test_inputs_nan_rejected(hook, emulator):
 
 
 def test_inputs_set_becomes_list_and_datetime_iso(hook, emulator):
-    when = datetime.datetime(2026, 3, 1, 12, 30, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 3, 1, 12, 30, tzinfo=datetime.UTC)
     prediction = hook.create_prediction(
         "wf-1", {"tags": {"b", "a"}, "at": when, "day": when.date(), "pair": (1, 2)}
     )

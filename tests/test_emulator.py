@@ -18,11 +18,18 @@ import pytest
 import requests
 
 from airflow_provider_speedpix._signing import compute_signature, sign_request, string_to_sign
-from airflow_provider_speedpix.emulator import GATEWAY_ERRORS, parse_png
+from airflow_provider_speedpix.emulator import (
+    GATEWAY_ERRORS,
+    EmulatorConfig,
+    ManualClock,
+    create_app,
+    parse_png,
+)
+from airflow_provider_speedpix.emulator.backend import NODES
 from airflow_provider_speedpix.emulator.faults import Fault
 from airflow_provider_speedpix.emulator.png import PNG_SIGNATURE, make_png
-from airflow_provider_speedpix.emulator.server import RedactUploadTokens
-from tests.emulator_fixture import EMULATOR_APP_SECRET, signed_post
+from airflow_provider_speedpix.emulator.server import EmulatorServer, RedactUploadTokens
+from tests.emulator_fixture import EMULATOR_APP_KEY, EMULATOR_APP_SECRET, EMULATOR_DURATION, signed_post
 
 PROMPT = "/scc/comfy_prompt"
 PROGRESS = "/scc/comfy_get_progress"
@@ -30,7 +37,26 @@ RESULT = "/scc/comfy_get_result"
 SIGN = "/scc/sp_create_temp_file_upload_sign"
 
 
-def create(emu, workflow_id="wf-123", **extra):
+@pytest.fixture(scope="module")
+def clocked_server():
+    """A private emulator on a :class:`ManualClock`: tests move time instead of sleeping."""
+    config = EmulatorConfig(
+        app_key=EMULATOR_APP_KEY,
+        app_secret=EMULATOR_APP_SECRET,
+        duration=EMULATOR_DURATION,
+        clock=ManualClock(),
+    )
+    with EmulatorServer(config) as server:
+        yield server
+
+
+@pytest.fixture
+def clocked(clocked_server):
+    clocked_server.reset()
+    return clocked_server
+
+
+def create(emu, workflow_id="wf-123", pools="default", **extra):
     body = {
         "workflow_id": workflow_id,
         "version_id": None,
@@ -40,19 +66,24 @@ def create(emu, workflow_id="wf-123", **extra):
         "return_temp_files": None,
         **extra,
     }
-    r = signed_post(emu, PROMPT, body, extra_headers={"X-SP-RESOURCE-CONFIG-ID": "default"})
+    headers = {} if pools is None else {"X-SP-RESOURCE-CONFIG-ID": pools}
+    r = signed_post(emu, PROMPT, body, extra_headers=headers)
     assert r.status_code == 200, r.headers
     return r.json()
 
 
-def wait_terminal(emu, task_id, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        data = signed_post(emu, PROGRESS, {"taskId": task_id}).json()["data"]
-        if data["status"] in ("succeeded", "failed"):
-            return data
-        time.sleep(0.05)
-    raise AssertionError("task did not finish in time")
+def progress(emu, task_id):
+    env = signed_post(emu, PROGRESS, {"taskId": task_id}).json()
+    assert env["status"] == 10, env
+    return env["data"]
+
+
+def finish(emu, task_id):
+    """Move the emulator's clock past the task's end (no sleeping) and return its terminal progress."""
+    emu.clock.advance(emu.app.state.emulator.tasks[task_id].duration)
+    data = progress(emu, task_id)
+    assert data["status"] in ("succeeded", "failed")
+    return data
 
 
 def assert_no_secret(response, server):
@@ -194,38 +225,42 @@ def test_unsigned_or_unknown_path(emulator):
 # -- lifecycle ----------------------------------------------------------------------------------------
 
 
-def test_lifecycle_waiting_running_succeeded(emulator):
-    emulator.configure(duration=2.0)
-    task_id = create(emulator)["data"]["taskId"]
+def test_lifecycle_waiting_running_succeeded(clocked):
+    clocked.configure(duration=2.0)
+    task_id = create(clocked)["data"]["taskId"]
     seen = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        env = signed_post(emulator, PROGRESS, {"taskId": task_id}).json()
-        data = env["data"]
+    for _ in range(60):
+        data = progress(clocked, task_id)
         assert set(data) >= {"taskId", "progress", "etaRelative", "status"}
         assert data["taskId"] == task_id
         seen.append((data["status"], data["progress"], data["etaRelative"]))
         if data["status"] == "succeeded":
             break
-        time.sleep(0.05)
+        clocked.clock.advance(0.0625)  # exact in binary: the clock lands on 2.0 s
     statuses = [s for s, _, _ in seen]
     assert statuses[0] == "waiting"
     assert "running" in statuses
     assert statuses[-1] == "succeeded"
     order = {"waiting": 0, "running": 1, "succeeded": 2}
     assert [order[s] for s in statuses] == sorted(order[s] for s in statuses)
+    # waiting for the first 10 % of the duration (polls at 0 .. 0.1875 s), then running until 2.0 s
+    assert statuses.count("waiting") == 4
     running = [(p, eta) for s, p, eta in seen if s == "running"]
     progresses = [p for p, _ in running]
     assert progresses == sorted(progresses)
-    assert all(0 <= p < 100 for p in progresses)
+    assert len(set(progresses)) == len(progresses)
+    assert all(0 <= p < 1 for p in progresses)  # a fraction on the wire, not a percentage
     assert all(0 <= eta <= 2 for _, eta in running)
-    assert isinstance(running[0][1], int)
-    assert seen[-1][1:] == (100.0, 0)
+    assert isinstance(running[0][1], float)  # fractional ETAs, as the reference types them (double)
+    assert running[0] == (pytest.approx(0.05 / 1.8, abs=1e-3), pytest.approx(1.75))
+    assert seen[-1][1:] == (1.0, 0.0)
+    assert len(seen) == 33
 
 
-def test_result_of_succeeded_task(emulator):
+def test_result_of_succeeded_task(clocked):
+    emulator = clocked
     task_id = create(emulator, return_temp_files=True)["data"]["taskId"]
-    wait_terminal(emulator, task_id)
+    finish(emulator, task_id)
     env = signed_post(emulator, RESULT, {"taskId": task_id}).json()
     assert env["status"] == 10
     data = env["data"]
@@ -241,16 +276,17 @@ def test_result_of_succeeded_task(emulator):
         parse_png(r.content)
 
 
-def test_result_without_temp_files_has_only_images(emulator):
-    task_id = create(emulator)["data"]["taskId"]
-    wait_terminal(emulator, task_id)
-    result = signed_post(emulator, RESULT, {"taskId": task_id}).json()["data"]["result"]
+def test_result_without_temp_files_has_only_images(clocked):
+    task_id = create(clocked)["data"]["taskId"]
+    finish(clocked, task_id)
+    result = signed_post(clocked, RESULT, {"taskId": task_id}).json()["data"]["result"]
     assert set(result) == {"images"}
 
 
-def test_output_png_is_valid(emulator):
+def test_output_png_is_valid(clocked):
+    emulator = clocked
     task_id = create(emulator)["data"]["taskId"]
-    wait_terminal(emulator, task_id)
+    finish(emulator, task_id)
     url = signed_post(emulator, RESULT, {"taskId": task_id}).json()["data"]["result"]["images"]["url"]
     r = requests.get(url, timeout=5)
     assert r.status_code == 200
@@ -275,11 +311,12 @@ def test_make_png_sizes():
     assert info["raw"] == (b"\x00" + b"\xff" * 9) * 2
 
 
-def test_failing_workflow(emulator):
+def test_failing_workflow(clocked):
+    emulator = clocked
     task_id = create(emulator, "wf-fail")["data"]["taskId"]
-    final = wait_terminal(emulator, task_id)
+    final = finish(emulator, task_id)
     assert final["status"] == "failed"
-    assert final["progress"] == 100 and final["etaRelative"] == 0
+    assert final["progress"] == 1 and final["etaRelative"] == 0
     env = signed_post(emulator, RESULT, {"taskId": task_id}).json()
     assert env["status"] != 10
     assert env["errCode"]
@@ -330,12 +367,14 @@ def test_result_before_finished(emulator):
     )
 
 
-def test_sleep_workflow_duration(emulator):
-    env = create(emulator, "sleep-12.5")
+def test_sleep_workflow_duration(clocked):
+    env = create(clocked, "sleep-12.5")
     assert env["data"]["estimatedDurationInSeconds"] == 12.5
-    data = signed_post(emulator, PROGRESS, {"taskId": env["data"]["taskId"]}).json()["data"]
+    data = progress(clocked, env["data"]["taskId"])
     assert data["status"] == "waiting"
-    assert data["etaRelative"] in (12, 13)
+    assert data["etaRelative"] == 12.5  # the clock stands still: the exact remaining time, a double
+    clocked.clock.advance(5.25)
+    assert progress(clocked, env["data"]["taskId"])["etaRelative"] == pytest.approx(7.25)
 
 
 def test_configure_duration_and_reset_restores_it(emulator):
@@ -589,6 +628,19 @@ def test_upload_and_file_faults(emulator):
     assert requests.get(data["accessUrl"], timeout=5).content == b"abc"
 
 
+def test_refused_put_is_not_spoiled_by_an_after_fault(emulator):
+    """Storage refuses a bad pre-signed URL before anything runs; the AFTER fault taken is spent unseen."""
+    data = sign_upload(emulator)
+    emulator.inject("upload_put", "reset")
+    bad = data["uploadUrl"].rsplit("Signature=", 1)[0] + "Signature=forged"
+    r = requests.put(bad, data=b"x", headers={"Content-Type": "image/png"}, timeout=5)
+    assert r.status_code == 403 and "<Code>SignatureDoesNotMatch</Code>" in r.text
+    assert emulator.stats()["faults_fired"] == {"upload_put": {"reset": 1}}
+    assert emulator.pending_faults() == []
+    emulator.inject("upload_put", "503")  # a BEFORE fault answers even a bad URL
+    assert requests.put(bad, data=b"x", headers={"Content-Type": "image/png"}, timeout=5).status_code == 503
+
+
 # -- stats / reset ------------------------------------------------------------------------------------
 
 
@@ -624,6 +676,247 @@ def test_every_response_has_request_id(emulator):
     assert progress_call(emulator).headers["X-Ca-Request-Id"]
 
 
+# -- queue, progress, state, timing, default outputs, estimates, pools (issue 10) -------------------------
+
+
+def result_data(emu, task_id):
+    env = signed_post(emu, RESULT, {"taskId": task_id}).json()
+    assert env["status"] == 10, env
+    return env["data"]
+
+
+def test_capacity_queues_in_fifo_order_with_true_positions(make_emulator):
+    emu = make_emulator(capacity=2)  # duration 1 s: dispatch 0.1 s, running 0.9 s
+    ids = [create(emu)["data"]["taskId"] for _ in range(5)]
+    first = [progress(emu, t) for t in ids]
+    assert [d["status"] for d in first] == ["waiting"] * 5
+    assert [d["lastQueueRemaining"] for d in first] == [0, 0, 0, 1, 2]
+    assert [d["etaRelative"] for d in first] == pytest.approx([1.0, 1.0, 1.9, 1.9, 2.8])
+    emu.clock.advance(0.5)
+    assert [progress(emu, t)["status"] for t in ids] == ["running"] * 2 + ["waiting"] * 3
+    assert [progress(emu, t).get("lastQueueRemaining") for t in ids[2:]] == [0, 1, 2]
+    # a slot frees at 1.0 s: the next two in line run at once (they waited out their dispatch time)
+    emu.clock.advance(0.5)
+    data = [progress(emu, t) for t in ids]
+    assert [d["status"] for d in data] == ["succeeded"] * 2 + ["running"] * 2 + ["waiting"]
+    assert data[4]["lastQueueRemaining"] == 0
+    assert "lastQueueRemaining" not in data[2]
+    emu.clock.advance(1.0)
+    assert [progress(emu, t)["status"] for t in ids] == ["succeeded"] * 4 + ["running"]
+    emu.clock.advance(0.9)
+    assert {progress(emu, t)["status"] for t in ids} == {"succeeded"}
+    # the timing starts when a task leaves the queue: 0.1 s, 1.0 s and 1.9 s after the first create
+    begins = [result_data(emu, t)["taskBeginTime"] for t in ids]
+    assert [b - begins[0] for b in begins] == [0, 0, 900, 900, 1800]
+    assert {result_data(emu, t)["taskDuration"] for t in ids} == {900}
+
+
+def test_later_arrivals_queue_behind_and_positions_shrink(make_emulator):
+    emu = make_emulator(capacity=1)
+    long_task = create(emu, "sleep-2")["data"]["taskId"]  # holds the slot until 2.0 s
+    short = create(emu, "sleep-0.5")["data"]["taskId"]
+    emu.clock.advance(0.5)
+    late = create(emu, "sleep-0.1")["data"]["taskId"]
+    assert progress(emu, long_task)["status"] == "running"
+    assert progress(emu, short)["lastQueueRemaining"] == 0
+    assert progress(emu, late)["lastQueueRemaining"] == 1
+    emu.clock.advance(1.5)  # 2.0 s: the short task takes the slot, FIFO even though `late` is shorter
+    assert progress(emu, short)["status"] == "running"
+    assert progress(emu, late)["lastQueueRemaining"] == 0
+    emu.clock.advance(0.45)
+    assert progress(emu, short)["status"] == "succeeded"
+    assert progress(emu, late)["status"] == "running"
+
+
+def test_unlimited_capacity_has_no_queue(make_emulator):
+    emu = make_emulator()
+    ids = [create(emu)["data"]["taskId"] for _ in range(20)]
+    assert {progress(emu, t)["lastQueueRemaining"] for t in ids} == {0}
+    emu.clock.advance(0.1)
+    assert {progress(emu, t)["status"] for t in ids} == {"running"}
+
+
+def test_progress_is_a_fraction_rising_monotonically_with_node_state(make_emulator):
+    emu = make_emulator(duration=10.0)
+    task_id = create(emu)["data"]["taskId"]
+    seen = []
+    for _ in range(120):
+        data = progress(emu, task_id)
+        seen.append(data)
+        if data["status"] == "succeeded":
+            break
+        emu.clock.advance(0.125)
+    fractions = [d["progress"] for d in seen]
+    assert all(0.0 <= p <= 1.0 for p in fractions)
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+    assert all(d["progress"] == 0 and "state" not in d for d in seen if d["status"] == "waiting")
+    running = [d for d in seen if d["status"] == "running"]
+    assert all(0 <= d["progress"] < 1 for d in running)
+    labels = [label for label, _, _ in NODES]
+    for d in running:
+        state = d["state"]
+        assert set(state) == {"node", "nodeIndex", "nodeCount", "step", "steps"}
+        assert state["node"] == labels[state["nodeIndex"] - 1]
+        assert state["nodeCount"] == len(NODES)
+        assert 1 <= state["step"] <= state["steps"]
+        assert state["node"] in d["message"]
+    # nodes run in workflow order, steps rise inside a node, and the sampler shows its step counter
+    positions = [(d["state"]["nodeIndex"], d["state"]["step"]) for d in running]
+    assert positions == sorted(positions)
+    assert positions[0][0] == 1 and positions[-1][0] == len(NODES)
+    sampler = [d["state"] for d in running if d["state"]["node"] == "KSampler"]
+    assert {s["steps"] for s in sampler} == {20}
+    assert len({s["step"] for s in sampler}) > 10
+    assert all("state" not in d for d in seen if d["status"] != "running")
+
+
+def test_result_timing_follows_the_injected_clock(make_emulator):
+    start = int(time.time()) + 0.25  # the gateway still checks request timestamps against this clock
+    clock = ManualClock(start=start)
+    emu = make_emulator(clock=clock, duration=4.0)
+    task_id = create(emu)["data"]["taskId"]
+    clock.advance(3.0)
+    assert progress(emu, task_id)["status"] == "running"
+    clock.advance(1.0)
+    data = result_data(emu, task_id)
+    begin_ms = int(start) * 1000 + 650  # created at .25 s, then 0.4 s of dispatch
+    assert data["taskBeginTime"] == begin_ms
+    assert data["taskDuration"] == 3600
+    assert data["taskEndTime"] == data["taskBeginTime"] + data["taskDuration"] == begin_ms + 3600
+    assert all(len(str(data[k])) == 13 for k in ("taskBeginTime", "taskEndTime"))
+    assert all(isinstance(data[k], int) for k in ("taskBeginTime", "taskEndTime", "taskDuration"))
+
+
+def test_images_only_workflow_has_outputs_only_in_images(make_emulator):
+    emu = make_emulator(images_only_workflow_ids={"wf-plain"})
+    task_id = create(emu, "wf-plain", return_temp_files=True)["data"]["taskId"]
+    finish(emu, task_id)
+    data = result_data(emu, task_id)
+    assert data["result"] == {}
+    assert len(data["images"]) == 2 and len(set(data["images"])) == 2
+    pngs = []
+    for url in data["images"]:
+        r = requests.get(url, timeout=5)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        pngs.append(r.content)
+        parse_png(r.content)
+    assert pngs[0] != pngs[1]
+    # the sample workflow's own output URL does not exist for it
+    assert requests.get(data["images"][0].replace("ComfyUI_00001_", "output"), timeout=5).status_code == 404
+    # other workflows keep their custom outputs (and the first default image)
+    normal = create(emu)["data"]["taskId"]
+    finish(emu, normal)
+    assert result_data(emu, normal)["result"]["images"]["url"] == result_data(emu, normal)["images"][0]
+
+
+def test_images_only_is_runtime_configurable(clocked):
+    default = create(clocked, "wf-images-only")["data"]["taskId"]  # on by default for this id
+    finish(clocked, default)
+    assert result_data(clocked, default)["result"] == {}
+    clocked.configure(images_only_workflow_ids=["wf-123"])
+    task_id = create(clocked)["data"]["taskId"]
+    finish(clocked, task_id)
+    assert result_data(clocked, task_id)["result"] == {}
+    clocked.reset()
+    task_id = create(clocked)["data"]["taskId"]
+    finish(clocked, task_id)
+    assert set(result_data(clocked, task_id)["result"]) == {"images"}
+
+
+def test_eta_error_stays_within_bounds_and_is_seeded(make_emulator):
+    emu = make_emulator(duration=10.0, eta_error=0.3, seed=7)
+    created = [create(emu)["data"] for _ in range(60)]
+    estimates = [c["estimatedDurationInSeconds"] for c in created]
+    assert all(7.0 <= e <= 13.0 for e in estimates)
+    assert min(estimates) < 8.5 and max(estimates) > 11.5  # spread over the range, both sides
+    assert any(e != round(e) for e in estimates)  # doubles
+    # the progress estimate carries the same per-task error, for the whole life of the task
+    emu.clock.advance(4.0)
+    for c, estimate in zip(created, estimates, strict=True):
+        assert progress(emu, c["taskId"])["etaRelative"] == pytest.approx(estimate * 0.6, abs=2e-3)
+    # same seed, same creates: the same errors (reset re-seeds)
+    emu.reset()
+    assert [create(emu)["data"]["estimatedDurationInSeconds"] for _ in range(60)] == estimates
+    other = make_emulator(duration=10.0, eta_error=0.3, seed=8)
+    assert [create(other)["data"]["estimatedDurationInSeconds"] for _ in range(60)] != estimates
+
+
+def test_eta_bias_is_always_off_the_same_way(make_emulator):
+    emu = make_emulator(duration=10.0, eta_bias=0.5)
+    assert {create(emu)["data"]["estimatedDurationInSeconds"] for _ in range(10)} == {15.0}
+    emu.configure(eta_error=0.1)
+    estimates = [create(emu)["data"]["estimatedDurationInSeconds"] for _ in range(40)]
+    assert all(14.0 <= e <= 16.0 for e in estimates)
+    emu.configure(eta_bias=-0.5, eta_error=0)
+    task_id = create(emu)["data"]["taskId"]
+    assert progress(emu, task_id)["etaRelative"] == 5.0
+    with pytest.raises(ValueError, match="eta_bias"):
+        emu.configure(eta_bias=-1)
+
+
+@pytest.mark.parametrize(
+    ("header", "pool"),
+    [(None, "default"), ("default", "default"), ("a,b,default", "default"), ("a,c", "c"),
+     ("c", "c"), ("a , default", "default")],
+)  # fmt: skip
+def test_resource_pools_route_and_fall_back(make_emulator, header, pool):
+    emu = make_emulator(full_pool_ids={"a", "b"})
+    env = create(emu, pools=header)
+    assert env["status"] == 10, env
+    task_id = env["data"]["taskId"]
+    finish(emu, task_id)
+    assert result_data(emu, task_id)["info"]["resourceConfigId"] == pool
+    assert emu.app.state.emulator.tasks[task_id].resource_config_id == header
+
+
+@pytest.mark.parametrize("header", ["a,b", "a", "b, a"])
+def test_only_full_private_pools_is_an_error(make_emulator, header):
+    emu = make_emulator(full_pool_ids={"a", "b"})
+    r = signed_post(emu, PROMPT, {"workflow_id": "wf-1", "inputs": {}}, extra_headers={
+        "X-SP-RESOURCE-CONFIG-ID": header})  # fmt: skip
+    assert r.status_code == 200
+    env = r.json()
+    assert env["status"] != 10
+    assert env["errCode"] == "ResourcePoolFull"
+    assert env["subErrCode"] == "RESOURCE_POOL_FULL"
+    assert "default" in env["subErrMessage"]
+    assert env["data"] is None
+    assert emu.stats()["predictions"] == 0
+
+
+def test_full_pools_are_runtime_configurable(clocked):
+    clocked.configure(full_pool_ids=["p1"])
+    assert create(clocked, pools="p1")["errCode"] == "ResourcePoolFull"
+    assert create(clocked, pools="p1,default")["status"] == 10
+    clocked.reset()
+    assert create(clocked, pools="p1")["status"] == 10
+
+
+def test_create_app_takes_the_options():
+    app = create_app(capacity=3, eta_error=0.2, eta_bias=0.1, seed=5, full_pool_ids={"a"})
+    try:
+        config = app.state.emulator.config
+        assert (config.capacity, config.eta_error, config.eta_bias, config.seed) == (3, 0.2, 0.1, 5)
+        assert config.full_pool_ids == {"a"}
+        assert config.images_only_workflow_ids == {"wf-images-only"}
+    finally:
+        app.state.emulator.close()
+    base = EmulatorConfig(app_key="k")
+    app = create_app(base, capacity=0, images_only_workflow_ids={"x"})
+    try:
+        config = app.state.emulator.config
+        assert config.app_key == "k" and config.capacity is None
+        assert config.images_only_workflow_ids == {"x"}
+        assert base.images_only_workflow_ids == {"wf-images-only"}  # the caller's config is untouched
+    finally:
+        app.state.emulator.close()
+    with pytest.raises(ValueError, match="capacity"):
+        create_app(capacity=-1)
+    with pytest.raises(TypeError):
+        create_app(no_such_option=1)
+
+
 # -- CLI ----------------------------------------------------------------------------------------------
 
 
@@ -634,7 +927,9 @@ def test_cli_runs_serves_faults_and_stops_on_sigterm(tmp_path):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "airflow_provider_speedpix.emulator", "--port", "0", "--duration", "0",
-             "--fault", "comfy_get_progress:503:1", "--access-log"],
+             "--fault", "comfy_get_progress:503:1", "--access-log", "--capacity", "2", "--eta-error", "0.25",
+             "--eta-bias", "0.1", "--seed", "3", "--full-pool", "a", "--full-pool", "b",
+             "--images-only-workflow", "wf-x"],
             stdout=subprocess.PIPE, stderr=out, env=env,
         )  # fmt: skip
         try:
@@ -649,6 +944,11 @@ def test_cli_runs_serves_faults_and_stops_on_sigterm(tmp_path):
                 )
                 return requests.post(url + path, data=raw, headers=headers, timeout=5)
 
+            config = requests.get(url + "/_emulator/config", timeout=5).json()
+            assert (config["capacity"], config["eta_error"], config["eta_bias"], config["seed"]) == (
+                2, 0.25, 0.1, 3)  # fmt: skip
+            assert config["full_pool_ids"] == ["a", "b"]
+            assert config["images_only_workflow_ids"] == ["wf-x"]
             assert call(PROGRESS).status_code == 503
             assert call(PROGRESS).json()["errCode"] == "TaskNotFound"
             up = call(SIGN).json()["data"]

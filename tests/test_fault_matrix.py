@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from airflow_provider_speedpix import _protocol as proto
+from airflow_provider_speedpix import _transport as transport_module
 from airflow_provider_speedpix._signing import sign_request
 from airflow_provider_speedpix.emulator.png import make_png
 from airflow_provider_speedpix.exceptions import (
@@ -38,7 +39,6 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixTransportError,
     SpeedPixUploadError,
 )
-from airflow_provider_speedpix.hooks import speedpix as hook_module
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
 from tests.conftest import use_speedpix_connection
@@ -275,7 +275,7 @@ def sabotage_signing(monkeypatch, emulator, fault: str, operation: str) -> None:
                 kwargs["nonce"] = lambda: FIXED_NONCE
         return sign_request(**kwargs)
 
-    monkeypatch.setattr(hook_module, "sign_request", signer)
+    monkeypatch.setattr(transport_module, "sign_request", signer)
 
 
 def arm(monkeypatch, emulator, row: str, fault: str) -> None:
@@ -415,21 +415,25 @@ def test_every_cell_is_decided():
     assert {fault for _, fault in CELLS} == set(FAULTS)
 
 
-# ---------------------------------------------------------------------- sync hook
-@pytest.mark.parametrize(("row", "fault"), list(CELLS), ids=cell_ids(CELLS))
-def test_sync_cell(emulator, monkeypatch, tmp_path, row, fault):
+# ---------------------------------------------------------------------- the hook, sync and async
+def check_cell(emulator, monkeypatch, tmp_path, row: str, fault: str, flavour: str) -> None:
+    """One cell through the sync hook (every row) or the async hook (the trigger's reads): one body."""
     expect = CELLS[row, fault]
     use_connection(monkeypatch, emulator, timeout=FAST_TIMEOUT if fault == "slow" else NORMAL_TIMEOUT)
     cell = Cell(SpeedPixHook(), emulator, tmp_path)
     cell.setup(row, fault)
     arm(monkeypatch, emulator, row, fault)
+
+    def act() -> Any:
+        return cell.act(row, fault) if flavour == "sync" else asyncio.run(cell.aact(row))
+
     before = counters(emulator)
     started = time.monotonic()
     if expect.error is None:
-        cell.check_success(row, cell.act(row, fault))
+        cell.check_success(row, act())
     else:
         with pytest.raises(SpeedPixError) as info:
-            cell.act(row, fault)
+            act()
         check_error(info.value, expect, emulator.app_secret)
         if row == "download":
             assert not (tmp_path / "out" / "saved.png").exists()
@@ -443,25 +447,18 @@ def test_sync_cell(emulator, monkeypatch, tmp_path, row, fault):
     )
 
 
-# ---------------------------------------------------------------------- async hook (the trigger's path)
+@pytest.mark.parametrize(("row", "fault"), list(CELLS), ids=cell_ids(CELLS))
+def test_sync_cell(emulator, monkeypatch, tmp_path, row, fault):
+    check_cell(emulator, monkeypatch, tmp_path, row, fault, "sync")
+
+
+#: the async hook serves the trigger, which only reads (progress and result)
 ASYNC_CELLS = {key: CELLS[key] for key in CELLS if key[0] in ("progress", "result")}
 
 
 @pytest.mark.parametrize(("row", "fault"), list(ASYNC_CELLS), ids=cell_ids(ASYNC_CELLS))
 def test_async_cell(emulator, monkeypatch, tmp_path, row, fault):
-    expect = ASYNC_CELLS[row, fault]
-    use_connection(monkeypatch, emulator, timeout=FAST_TIMEOUT if fault == "slow" else NORMAL_TIMEOUT)
-    cell = Cell(SpeedPixHook(), emulator, tmp_path)
-    cell.setup(row, fault)
-    arm(monkeypatch, emulator, row, fault)
-    before = counters(emulator)
-    if expect.error is None:
-        cell.check_success(row, asyncio.run(cell.aact(row)))
-    else:
-        with pytest.raises(SpeedPixError) as info:
-            asyncio.run(cell.aact(row))
-        check_error(info.value, expect, emulator.app_secret)
-    check_counts(emulator, before, row, fault, expect)
+    check_cell(emulator, monkeypatch, tmp_path, row, fault, "async")
 
 
 # ---------------------------------------------------------------------- the trigger's run()

@@ -24,12 +24,13 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixTimeoutError,
     SpeedPixUploadError,
 )
+from airflow_provider_speedpix.hooks import speedpix as hook_module
 from airflow_provider_speedpix.hooks.speedpix import (
     DEFAULT_ENDPOINT,
     SpeedPixHook,
     normalise_endpoint,
 )
-from tests.conftest import use_speedpix_connection
+from tests.conftest import FakeClock, use_speedpix_connection
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXTRA = {"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 5}
@@ -309,7 +310,9 @@ def test_upload_non_seekable_stream(hook, emulator):
 def test_upload_url_expired_before_put_is_signed_again(hook, emulator, monkeypatch, png_file, as_stream):
     """The first pre-signed URL is already expired; the second PUT must resend the whole file."""
     emulator.configure(upload_url_ttl_s=0)
-    real_put = hook._put
+    from airflow_provider_speedpix import _storage
+
+    real_put = _storage.put
 
     def put_then_extend_ttl(*args, **kwargs):
         try:
@@ -317,7 +320,7 @@ def test_upload_url_expired_before_put_is_signed_again(hook, emulator, monkeypat
         finally:
             emulator.configure(upload_url_ttl_s=3600)
 
-    monkeypatch.setattr(hook, "_put", put_then_extend_ttl)
+    monkeypatch.setattr(_storage, "put", put_then_extend_ttl)
     source = io.BytesIO(png_file.read_bytes()) if as_stream else png_file
     uploaded = hook.upload_file(source, filename="input.png")
     assert fetch(hook, uploaded.access_url) == png_file.read_bytes()
@@ -534,13 +537,14 @@ def test_wait_for_prediction_failure(hook):
     assert prediction.id in str(err) and "WORKFLOW_EXECUTION_FAILED" in str(err) and "KSampler" in str(err)
 
 
-def test_wait_for_prediction_timeout(hook):
+def test_wait_for_prediction_timeout(hook, emulator, monkeypatch):
+    """Real polls, the wait's clock faked: it sleeps exactly up to the deadline, then raises."""
     prediction = hook.create_prediction("sleep-100", {})
-    started = time.monotonic()
+    clock = FakeClock().install(monkeypatch, hook_module)
     with pytest.raises(SpeedPixTimeoutError) as info:
         hook.wait_for_prediction(prediction.id, poll_interval=0.05, timeout=0.3)
-    elapsed = time.monotonic() - started
-    assert 0.3 <= elapsed < 2
+    assert sum(clock.sleeps) == pytest.approx(0.3)  # neither early nor past the deadline
+    assert emulator.calls("comfy_get_progress") == len(clock.sleeps) + 1
     assert info.value.prediction_id == prediction.id
     assert info.value.last_status in ("waiting", "running")
     assert prediction.id in str(info.value) and "0.3s" in str(info.value)
@@ -721,7 +725,7 @@ def test_stream_broken_mid_body_leaves_no_partial_file_and_is_retryable(tmp_path
     not reported as an unwritable destination, and no half-written file stays behind."""
     import requests
 
-    from airflow_provider_speedpix.hooks.speedpix import _write_stream
+    from airflow_provider_speedpix._storage import write_stream as _write_stream
 
     def chunks():
         yield b"partial"

@@ -20,19 +20,21 @@ import requests
 import urllib3
 
 from airflow_provider_speedpix import _protocol as proto
+from airflow_provider_speedpix import _retry as retry_module
+from airflow_provider_speedpix import _transport as transport_module
 from airflow_provider_speedpix._signing import compute_signature, string_to_sign
 from airflow_provider_speedpix.exceptions import (
     SpeedPixAPIError,
     SpeedPixAuthError,
+    SpeedPixDownloadError,
     SpeedPixResponseError,
     SpeedPixServerError,
     SpeedPixThrottledError,
     SpeedPixTransportError,
     SpeedPixUploadError,
 )
-from airflow_provider_speedpix.hooks import speedpix as hook_module
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, should_retry
-from tests.conftest import use_speedpix_connection
+from tests.conftest import FakeClock, use_speedpix_connection
 
 BASE = "http://sp.test"
 KEY, SECRET = "mock-key", "mock-secret-DO-NOT-LEAK"
@@ -339,17 +341,25 @@ def test_server_error_retries_are_bounded(hook, requests_mock):
 
 
 def test_oversized_response_is_refused(hook, requests_mock, monkeypatch):
-    monkeypatch.setattr(hook_module, "MAX_RESPONSE_BYTES", 100)
+    monkeypatch.setattr(transport_module, "MAX_RESPONSE_BYTES", 100)
     requests_mock.post(CREATE_URL, [{"json": envelope({"taskId": "t", "pad": "x" * 500})}])
     with pytest.raises(SpeedPixResponseError, match="larger than"):
         hook.create_prediction("wf", {})
     assert len(posts(requests_mock, CREATE_URL)) == 1
 
 
-def test_gzip_response_is_decoded(hook, requests_mock):
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_gzip_response_is_decoded(monkeypatch, requests_mock, flavour):
+    use_connection(monkeypatch)
     body = gzip.compress(json.dumps(RUNNING["json"]).encode())
-    requests_mock.post(PROGRESS_URL, content=body, headers={"Content-Encoding": "gzip"})
-    assert hook.get_prediction("task-1").status == "running"
+    gzip_headers = {"Content-Encoding": "gzip"}
+    if flavour == "sync":
+        requests_mock.post(PROGRESS_URL, content=body, headers=gzip_headers)
+        prediction = SpeedPixHook().get_prediction("task-1")
+    else:
+        recorder = AsyncRecorder([a_status(200, content=body, headers=gzip_headers)])
+        prediction = recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("task-1"))
+    assert prediction.status == "running"
 
 
 # ---------------------------------------------------------------- sync: uploads
@@ -445,7 +455,7 @@ class AsyncRecorder:
     def run(self, monkeypatch, coro_factory):
         async def main():
             client = httpx.AsyncClient(transport=httpx.MockTransport(self))
-            monkeypatch.setattr(hook_module, "shared_async_client", lambda: client)
+            monkeypatch.setattr(transport_module, "shared_async_client", lambda: client)
             try:
                 return await coro_factory()
             finally:
@@ -523,16 +533,9 @@ def test_async_retries_bounded(monkeypatch):
     assert len(recorder.requests) == RETRY_LIMIT
 
 
-def test_async_gzip_response_is_decoded(monkeypatch):
-    use_connection(monkeypatch)
-    body = gzip.compress(json.dumps(RUNNING["json"]).encode())
-    recorder = AsyncRecorder([a_status(200, content=body, headers={"Content-Encoding": "gzip"})])
-    assert recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("t")).status == "running"
-
-
 def test_async_oversized_response_is_refused(monkeypatch):
     use_connection(monkeypatch, retry_limit=1)
-    monkeypatch.setattr(hook_module, "MAX_RESPONSE_BYTES", 100)
+    monkeypatch.setattr(transport_module, "MAX_RESPONSE_BYTES", 100)
     recorder = AsyncRecorder([a_status(200, json=envelope({"status": "running", "pad": "x" * 500}))])
     with pytest.raises(SpeedPixResponseError, match="larger than"):
         recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("t"))
@@ -540,10 +543,10 @@ def test_async_oversized_response_is_refused(monkeypatch):
 
 def test_shared_async_client_is_per_loop():
     async def grab():
-        first, second = hook_module.shared_async_client(), hook_module.shared_async_client()
+        first, second = transport_module.shared_async_client(), transport_module.shared_async_client()
         assert first is second
         await first.aclose()
-        third = hook_module.shared_async_client()  # a closed client is replaced
+        third = transport_module.shared_async_client()  # a closed client is replaced
         assert third is not first
         await third.aclose()
         return first
@@ -568,38 +571,32 @@ def faults_fired(emulator, operation):
     return emulator.stats()["faults_fired"].get(operation, {})
 
 
-def test_emulator_reset_on_progress_is_retried(emulator, emu_hook):
+def poll(flavour: str, hook: SpeedPixHook, prediction_id: str):
+    """One status call through the sync (worker) or the async (trigger) transport."""
+    if flavour == "sync":
+        return hook.get_prediction(prediction_id)
+    return asyncio.run(SpeedPixHook().aget_prediction(prediction_id))
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_emulator_reset_on_progress_is_retried(emulator, emu_hook, flavour):
     prediction = emu_hook.create_prediction("sleep-100", {})
     emulator.inject("comfy_get_progress", "reset", times=2)
-    assert emu_hook.get_prediction(prediction.id).status == "waiting"
+    assert poll(flavour, emu_hook, prediction.id).status == "waiting"
     assert emulator.calls("comfy_get_progress") == 3
     assert faults_fired(emulator, "comfy_get_progress") == {"reset": 2}
 
 
-def test_emulator_reset_on_progress_is_retried_async(emulator, emu_hook):
-    prediction = emu_hook.create_prediction("sleep-100", {})
-    emulator.inject("comfy_get_progress", "reset")
-    assert asyncio.run(SpeedPixHook().aget_prediction(prediction.id)).status == "waiting"
-    assert emulator.calls("comfy_get_progress") == 2
-
-
+@pytest.mark.parametrize("flavour", ["sync", "async"])
 @pytest.mark.parametrize(
-    "kind", ["500", "502", "503", "html", "malformed", "truncated", "missing_data", "429"]
+    "kind", ["500", "502", "503", "html", "malformed", "truncated", "missing_data", "429", "reset"]
 )
-def test_emulator_faults_on_progress_are_retried(emulator, emu_hook, kind):
+def test_emulator_faults_on_progress_are_retried(emulator, emu_hook, kind, flavour):
     prediction = emu_hook.create_prediction("sleep-100", {})
     emulator.inject("comfy_get_progress", kind)
-    assert emu_hook.get_prediction(prediction.id).status == "waiting"
+    assert poll(flavour, emu_hook, prediction.id).status == "waiting"
     assert emulator.calls("comfy_get_progress") == 2
     assert faults_fired(emulator, "comfy_get_progress") == {kind: 1}
-
-
-@pytest.mark.parametrize("kind", ["503", "truncated", "reset"])
-def test_emulator_faults_on_progress_are_retried_async(emulator, emu_hook, kind):
-    prediction = emu_hook.create_prediction("sleep-100", {})
-    emulator.inject("comfy_get_progress", kind)
-    assert asyncio.run(SpeedPixHook().aget_prediction(prediction.id)).status == "waiting"
-    assert emulator.calls("comfy_get_progress") == 2
 
 
 def test_emulator_slow_create_times_out_once(emulator, monkeypatch):
@@ -674,23 +671,10 @@ def test_emulator_accepts_every_retry_nonce(emulator, emu_hook):
 
 
 # ---------------------------------------------------------------- downloads
-class RecordingTime:
-    """Stands in for the hook module's ``time``: records sleeps instead of sleeping."""
-
-    def __init__(self):
-        self.sleeps: list[float] = []
-        self.monotonic = time.monotonic
-        self.time = time.time
-
-    def sleep(self, seconds):
-        self.sleeps.append(seconds)
-
-
 @pytest.fixture
 def fake_time(monkeypatch):
-    recorder = RecordingTime()
-    monkeypatch.setattr(hook_module, "time", recorder)
-    return recorder
+    """The retry policy's clock: records backoff sleeps instead of sleeping."""
+    return FakeClock().install(monkeypatch, retry_module)
 
 
 OUT_URL = "https://cdn.test/out/output.png?Expires=1&Signature=SECRET-TOKEN"
@@ -707,7 +691,7 @@ def test_download_5xx_retried_with_backoff(hook, requests_mock, fake_time, tmp_p
 
 def test_download_5xx_bounded_and_url_query_not_leaked(hook, requests_mock, fake_time, tmp_path):
     get = requests_mock.get(OUT_URL, status_code=503)
-    with pytest.raises(hook_module.SpeedPixDownloadError, match="HTTP 503") as info:
+    with pytest.raises(SpeedPixDownloadError, match="HTTP 503") as info:
         hook.download(OUT_URL, tmp_path / "x.png")
     assert get.call_count == RETRY_LIMIT
     assert "SECRET-TOKEN" not in str(info.value)
@@ -719,14 +703,14 @@ def test_download_connection_errors_retried_then_bounded(hook, requests_mock, fa
     assert hook.download(OUT_URL, tmp_path).read_bytes() == b"PNG"
     assert get.call_count == 2
     requests_mock.get(OUT_URL, exc=requests.exceptions.ReadTimeout)
-    with pytest.raises(hook_module.SpeedPixDownloadError, match="no answer") as info:
+    with pytest.raises(SpeedPixDownloadError, match="no answer") as info:
         hook.download(OUT_URL, tmp_path / "y.png")
     assert "SECRET-TOKEN" not in str(info.value)
 
 
 def test_download_4xx_not_retried(hook, requests_mock, fake_time, tmp_path):
     get = requests_mock.get(OUT_URL, status_code=403)
-    with pytest.raises(hook_module.SpeedPixDownloadError, match="HTTP 403"):
+    with pytest.raises(SpeedPixDownloadError, match="HTTP 403"):
         hook.download(OUT_URL, tmp_path)
     assert get.call_count == 1
     assert fake_time.sleeps == []

@@ -192,7 +192,7 @@ def test_sets_and_tuples_become_lists(uploader):
 def test_dates_and_times(uploader):
     out = prepare(
         {
-            "dt": datetime.datetime(2025, 11, 24, 16, 0, 0, tzinfo=datetime.timezone.utc),
+            "dt": datetime.datetime(2025, 11, 24, 16, 0, 0, tzinfo=datetime.UTC),
             "d": datetime.date(2025, 1, 2),
             "t": datetime.time(3, 4, 5),
         },

@@ -143,11 +143,13 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={{"te
 def test_worker_interrupted_while_waiting_reconnects(run_dag, speedpix_conn):
     """A non-deferrable wait dies mid-poll (as when the worker is lost): the retry waits on the same one."""
     speedpix_conn.inject("comfy_get_progress", "reset", times=2)  # both attempts of one poll: try 1 dies
+    # max_consecutive_errors=1: the wait gives up on the first failed poll (default: it sits out 10)
     dr = run_dag(
         HEADER
         + """
 SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="sleep-2", inputs={"text": "x"},
-    deferrable=False, poll_interval=0.2, timeout=60, retries=1, retry_delay=timedelta(seconds=0))
+    deferrable=False, poll_interval=0.2, timeout=60, max_consecutive_errors=1, retries=1,
+    retry_delay=timedelta(seconds=0))
 """
     )
     assert dr.state == "success"

@@ -9,6 +9,7 @@ import pytest
 from airflow_provider_speedpix import _protocol as proto
 from airflow_provider_speedpix._polling import next_poll_delay
 from airflow_provider_speedpix._protocol import (
+    OutputURL,
     Prediction,
     apply_result,
     create_prediction_body,
@@ -433,17 +434,26 @@ def test_iter_output_urls_document_order():
         "text": "not a url",
         "n": 3,
     }
-    assert iter_output_urls(output) == [
-        ("output['images']['url']", "https://h/out.png"),
-        ("output['subject_image']['url']", "http://h/subject.png"),
-        ("output['list'][1]", "https://h/a.png"),
-        ("output['list'][2]['deep'][0]", "https://h/b.png"),
+    found = iter_output_urls(output)
+    assert found == [
+        (("images", "url"), "https://h/out.png"),
+        (("subject_image", "url"), "http://h/subject.png"),
+        (("list", 1), "https://h/a.png"),
+        (("list", 2, "deep", 0), "https://h/b.png"),
+    ]
+    assert [place.where for place in found] == [
+        "output['images']['url']",
+        "output['subject_image']['url']",
+        "output['list'][1]",
+        "output['list'][2]['deep'][0]",
     ]
 
 
 def test_iter_output_urls_scalars():
     assert iter_output_urls(None) == []
-    assert iter_output_urls("https://x/y.png", "out") == [("out", "https://x/y.png")]
+    [place] = iter_output_urls("https://x/y.png")
+    assert place == OutputURL(path=(), url="https://x/y.png")
+    assert place.where == "output"
 
 
 # ---------------------------------------------------------------- next_poll_delay

@@ -9,12 +9,16 @@ import json
 import re
 import time
 
+import pytest
+
 from airflow_provider_speedpix._signing import (
+    SignatureVerificationError,
     content_md5,
     gateway_date,
     sign_request,
     signatures_match,
     string_to_sign,
+    verify_request,
 )
 
 CLOCK = 1764000000.123
@@ -187,3 +191,64 @@ def test_signatures_match():
     assert not signatures_match(sig, sig[:-2] + "A=")
     assert not signatures_match(sig, "")
     assert not signatures_match(sig, "ü" * len(sig))
+
+
+# -- the verify half (what the emulator's gateway runs), against the same pinned vector ---------------
+
+
+def _verify(headers, body=BODY, secret=APP_SECRET, clock=lambda: CLOCK, path=PATH, method="POST"):
+    verify_request(method=method, path=path, headers=headers, body=body, app_secret=secret, clock=clock)
+
+
+def test_verify_accepts_the_pinned_vector():
+    headers = _vector()
+    assert headers["x-ca-signature"] == PINNED_SIGNATURE
+    _verify(headers)
+    # header names are matched case-insensitively, as a server receives them
+    _verify({k.upper(): v for k, v in headers.items()})
+    # at the edge of the 15-minute window, either side
+    _verify(headers, clock=lambda: CLOCK + 900)
+    _verify(headers, clock=lambda: CLOCK - 900)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"body": BODY + b" "}, "content_md5"),
+        ({"secret": APP_SECRET + "x"}, "signature"),
+        ({"path": "/scc/comfy_get_progress"}, "signature"),
+        ({"method": "PUT"}, "signature"),
+        ({"clock": lambda: CLOCK + 900.2}, "timestamp_expired"),
+        ({"clock": lambda: CLOCK - 900.2}, "timestamp_expired"),
+    ],
+)
+def test_verify_refuses_each_changed_part(change, reason):
+    with pytest.raises(SignatureVerificationError) as info:
+        _verify(_vector(), **change)
+    assert info.value.reason == reason
+    assert APP_SECRET not in str(info.value) + info.value.string_to_sign
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "reason"),
+    [
+        ("x-ca-signature", PINNED_SIGNATURE[:-2] + "A=", "signature"),
+        ("x-ca-signature", "", "signature"),
+        ("x-ca-nonce", "another-nonce", "signature"),
+        ("x-ca-key", "other", "signature"),
+        ("x-ca-timestamp", "soon", "timestamp_format"),
+        ("content-md5", PINNED_MD5.replace("9", "8"), "signature"),
+    ],
+)
+def test_verify_refuses_tampered_headers(header, value, reason):
+    headers = {**_vector(), header: value}
+    with pytest.raises(SignatureVerificationError) as info:
+        _verify(headers)
+    assert info.value.reason == reason
+
+
+def test_verify_reports_its_string_to_sign_on_signature_errors():
+    with pytest.raises(SignatureVerificationError) as info:
+        _verify(_vector(), secret="wrong")
+    assert info.value.string_to_sign == string_to_sign(method="POST", path=PATH, headers=_vector())
+    assert info.value.string_to_sign.endswith("\n/scc/comfy_prompt")

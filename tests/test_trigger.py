@@ -6,19 +6,18 @@ import asyncio
 import json
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
+from airflow_provider_speedpix import _transport as transport_module
 from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.exceptions import (
     SpeedPixError,
     SpeedPixPredictionFailed,
     SpeedPixTimeoutError,
 )
-from airflow_provider_speedpix.hooks import speedpix as hook_module
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.triggers import speedpix as trigger_module
 from airflow_provider_speedpix.triggers.speedpix import (
@@ -26,7 +25,7 @@ from airflow_provider_speedpix.triggers.speedpix import (
     prediction_event,
     raise_for_event,
 )
-from tests.conftest import use_speedpix_connection
+from tests.conftest import FakeClock, use_speedpix_connection
 
 CLASSPATH = "airflow_provider_speedpix.triggers.speedpix.SpeedPixPredictionTrigger"
 
@@ -138,17 +137,18 @@ def test_deadline_in_the_past_times_out_after_one_poll(speedpix_conn):
     assert speedpix_conn.calls("comfy_get_progress") == 1
 
 
-def test_short_deadline_times_out_on_time(speedpix_conn):
+def test_short_deadline_times_out_on_time(speedpix_conn, monkeypatch):
+    """Real polls, the trigger's clock faked: it sleeps exactly up to the deadline, then ends."""
     prediction = create("sleep-30")
-    started = time.monotonic()
+    clock = FakeClock().install(monkeypatch, trigger_module)
     event = run_trigger(
-        SpeedPixPredictionTrigger(prediction.id, poll_interval=0.2, deadline=time.time() + 1.0), limit=10
+        SpeedPixPredictionTrigger(prediction.id, poll_interval=0.2, deadline=clock.now + 1.0), limit=10
     )
-    took = time.monotonic() - started
     assert event["status"] == "timeout"
     assert event["prediction_status"] in ("waiting", "running")
     assert prediction.id in event["message"]
-    assert 0.9 <= took < 4.0
+    assert sum(clock.sleeps) == pytest.approx(1.0)  # neither early nor past the deadline
+    assert speedpix_conn.calls("comfy_get_progress") == len(clock.sleeps) + 1
 
 
 def test_finished_prediction_wins_over_a_passed_deadline(speedpix_conn):
@@ -243,9 +243,9 @@ class Script:
 
     def __init__(self, monkeypatch, steps: list[Any]) -> None:
         self.steps = list(steps)
-        self.sleeps: list[float] = []
         self.polls = 0
-        self.now = time.time()
+        self.clock = FakeClock().install(monkeypatch, trigger_module)
+        self.sleeps = self.clock.sleeps
         script = self
 
         async def aget_prediction(hook, prediction_id):
@@ -255,14 +255,11 @@ class Script:
                 raise step
             return step
 
-        async def fake_sleep(delay, result=None):
-            script.sleeps.append(delay)
-            script.now += delay
-
         monkeypatch.setattr(SpeedPixHook, "aget_prediction", aget_prediction)
-        # only the trigger module's view of them: the event loop and everything else keep the real ones
-        monkeypatch.setattr(trigger_module, "asyncio", SimpleNamespace(sleep=fake_sleep))
-        monkeypatch.setattr(trigger_module, "time", SimpleNamespace(time=lambda: script.now))
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
 
 
 def running(progress: float, eta: float | None = 5, status: str = "running") -> Prediction:
@@ -372,14 +369,14 @@ def test_many_triggers_share_one_client_per_loop(speedpix_conn, monkeypatch):
             super().__init__(*args, **kwargs)
             created.append(self)
 
-    monkeypatch.setattr(hook_module.httpx, "AsyncClient", CountingClient)
+    monkeypatch.setattr(transport_module.httpx, "AsyncClient", CountingClient)
     ids = [create("sleep-1").id for _ in range(50)]
 
     async def main() -> tuple[list[list[dict]], httpx.AsyncClient | None]:
         results = await asyncio.gather(
             *(collect(SpeedPixPredictionTrigger(i, poll_interval=0.2)) for i in ids)
         )
-        return results, hook_module._ASYNC_CLIENTS.get(asyncio.get_running_loop())
+        return results, transport_module._ASYNC_CLIENTS.get(asyncio.get_running_loop())
 
     results, loop_client = asyncio.run(main())
     assert [len(events) for events in results] == [1] * 50

@@ -31,6 +31,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fault", action="append", default=[], metavar="OP:KIND[:TIMES[:DELAY]]", help="repeatable"
     )
+    parser.add_argument(
+        "--images-only-workflow",
+        action="append",
+        default=None,
+        metavar="ID",
+        help="workflow without custom outputs: images only in data.images (repeatable; default "
+        "wf-images-only)",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=0,
+        help="tasks running at once, the rest queue in FIFO order (0: no limit)",
+    )
+    parser.add_argument(
+        "--eta-error", type=float, default=0.0, metavar="F", help="estimates wrong by up to ±F (0.3: ±30 %%)"
+    )
+    parser.add_argument(
+        "--eta-bias",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="estimates always off by +F (-0.2: 20 %% short)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-task estimate errors")
+    parser.add_argument(
+        "--full-pool",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="private resource pool over its utilisation limit (repeatable)",
+    )
     parser.add_argument("--public-url", default=None, help="base URL put in upload/output URLs")
     parser.add_argument("--storage-dir", default=None)
     parser.add_argument("--access-log", action="store_true", help="uvicorn access log (tokens redacted)")
@@ -41,21 +73,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         faults = [Fault.parse(spec) for spec in args.fault]
+        config = EmulatorConfig(
+            app_key=args.app_key,
+            app_secret=args.app_secret,
+            duration=args.duration,
+            upload_url_ttl_s=args.upload_ttl,
+            storage_dir=args.storage_dir,
+            faults=faults,
+            capacity=args.capacity,
+            eta_error=args.eta_error,
+            eta_bias=args.eta_bias,
+            seed=args.seed,
+            full_pool_ids=set(args.full_pool),
+        )
     except ValueError as exc:
         print(f"speedpix-emulator: {exc}", file=sys.stderr)
         return 2
-    config = EmulatorConfig(
-        app_key=args.app_key,
-        app_secret=args.app_secret,
-        duration=args.duration,
-        upload_url_ttl_s=args.upload_ttl,
-        storage_dir=args.storage_dir,
-        faults=faults,
-    )
     if args.fail_workflow is not None:
         config.failing_workflow_ids = set(args.fail_workflow)
     if args.missing_workflow is not None:
         config.missing_workflow_ids = set(args.missing_workflow)
+    if args.images_only_workflow is not None:
+        config.images_only_workflow_ids = set(args.images_only_workflow)
     sock = bind_socket(args.host, args.port)
     port = sock.getsockname()[1]
     url_host = f"[{args.host}]" if ":" in args.host else args.host

@@ -28,22 +28,34 @@ kind               when    what the client sees
 
 Signed calls pass the gateway checks (key, timestamp, signature, MD5, nonce) before any fault is
 considered, so a fault only ever hits a request that would otherwise have been accepted.
+
+:meth:`FaultInjector.around` is the one wrapper every operation (gateway call or storage request) runs
+through: it counts the call, takes the next pending fault and answers BEFORE or AFTER the operation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import struct
 import threading
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
-OPERATIONS = (
-    "comfy_prompt",
-    "comfy_get_progress",
-    "comfy_get_result",
-    "sp_create_temp_file_upload_sign",
-    "upload_put",
-    "file_get",
-)
+from fastapi import Request
+from fastapi.responses import Response
+
+from airflow_provider_speedpix._protocol import CREATE, PROGRESS, RESULT, UPLOAD_SIGN
+
+from .gateway import GATEWAY_ERRORS, gateway_error_response
+from .wire import JSON_TYPE, envelope, envelope_error, json_response, request_id
+
+#: The storage side's operations (not gateway calls, so not in ``_protocol``).
+UPLOAD_PUT = "upload_put"
+FILE_GET = "file_get"
+OPERATIONS = (CREATE, PROGRESS, RESULT, UPLOAD_SIGN, UPLOAD_PUT, FILE_GET)
 BEFORE_KINDS = frozenset({"500", "502", "503", "429", "throttled403", "html"})
 AFTER_KINDS = frozenset({"slow", "reset", "malformed", "truncated", "missing_data"})
 KINDS = BEFORE_KINDS | AFTER_KINDS
@@ -123,3 +135,102 @@ class FaultQueue:
     def clear(self) -> None:
         with self._lock:
             self._queues.clear()
+
+
+class FaultInjector:
+    """Pending faults plus the per-operation counters (``calls``, ``faults_fired``) of ``/_emulator/stats``."""
+
+    def __init__(self, faults: list[Fault] | None = None) -> None:
+        self.queue = FaultQueue(faults)
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        self.calls = dict.fromkeys(OPERATIONS, 0)
+        self.fired: dict[str, dict[str, int]] = {}
+
+    def fire(self, operation: str) -> Fault | None:
+        fault = self.queue.take(operation)
+        if fault is not None:
+            kinds = self.fired.setdefault(operation, {})
+            kinds[fault.kind] = kinds.get(fault.kind, 0) + 1
+        return fault
+
+    async def around(
+        self,
+        operation: str,
+        request: Request,
+        run: Callable[[], Awaitable[Response]],
+        refuse: Callable[[], Response | None] | None = None,
+    ) -> Response:
+        """Count the call and run it, unless a pending fault answers before or instead of it.
+
+        ``refuse`` (object storage: token, expiry, content type) may turn the request away after the
+        BEFORE faults; a refused request ran nothing, so an AFTER fault taken for it is spent unseen.
+        """
+        self.calls[operation] += 1
+        fault = self.fire(operation)
+        if fault is not None and fault.fires_before:
+            return await fault_response(request, fault, None)
+        refusal = refuse() if refuse is not None else None
+        if refusal is not None:
+            return refusal
+        response = await run()
+        if fault is not None:
+            return await fault_response(request, fault, response)
+        return response
+
+
+def abort_connection(request: Request) -> None:
+    """Drop the client's TCP connection with an RST, without writing any response."""
+    send = request.scope.get("speedpix.emulator.send")
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:
+        raise RuntimeError("cannot reach the connection's transport to reset it")
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+_HTML_502 = (
+    "<html><head><title>502 Bad Gateway</title></head><body>"
+    "<center><h1>502 Bad Gateway</h1></center><hr><center>Tengine</center></body></html>"
+)
+
+
+async def fault_response(request: Request, fault: Fault, normal: Response | None) -> Response:
+    """The response a fired fault produces; ``normal`` is the operation's answer (AFTER kinds)."""
+    kind = fault.kind
+    rid = {"X-Ca-Request-Id": request_id()}
+    if kind == "500":
+        return json_response(
+            envelope_error("InternalError", "emulated internal server error", status=500), 500, rid
+        )
+    if kind in ("502", "503"):
+        text = "Bad Gateway" if kind == "502" else "Service Unavailable"
+        return Response(text, status_code=int(kind), media_type="text/plain", headers=rid)
+    if kind == "429":
+        code, status = GATEWAY_ERRORS["throttled"]
+        return gateway_error_response(code, status, "Throttled by APP Flow Control")
+    if kind == "throttled403":
+        return Response(
+            b"", status_code=403, headers={**rid, "X-Ca-Error-Message": "Throttled by APP Flow Control"}
+        )
+    if kind == "html":
+        return Response(_HTML_502, status_code=502, media_type="text/html", headers=rid)
+    assert normal is not None
+    if kind == "slow":
+        await asyncio.sleep(fault.delay)
+        return normal
+    if kind == "reset":
+        abort_connection(request)
+        return Response(b"", status_code=500)  # never reaches the wire: the transport is gone
+    if kind == "malformed":
+        return Response(b"<<not json>> {status:", status_code=200, media_type=JSON_TYPE, headers=rid)
+    if kind == "truncated":
+        whole = bytes(normal.body)
+        return Response(whole[: max(1, len(whole) // 2)], status_code=200, media_type=JSON_TYPE, headers=rid)
+    if kind == "missing_data":
+        return json_response(envelope(include_data=False), 200, rid)
+    raise AssertionError(kind)

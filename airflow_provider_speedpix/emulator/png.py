@@ -65,7 +65,8 @@ def output_png(task_id: str, variant: str = "output") -> bytes:
         return make_png(background=(0, 0, 0), square=(255, 255, 255), seed=task_id)
     if variant == "subject_image":
         return make_png(background=(255, 255, 255), square=(200, 80, 60), seed=task_id)
-    return make_png(seed=task_id)
+    # the sample workflow's output keeps its historic seed; other images (default outputs) differ from it
+    return make_png(seed=task_id if variant == "output" else f"{task_id}/{variant}")
 
 
 def parse_png(data: bytes) -> dict:

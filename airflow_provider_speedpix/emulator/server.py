@@ -25,6 +25,7 @@ from typing import Any
 import uvicorn
 
 from .app import EmulatorConfig, create_app
+from .clock import Clock
 from .faults import Fault
 
 _SECRET_QUERY = re.compile(r"(Signature=)[^&\s\"']+")
@@ -170,6 +171,11 @@ class EmulatorServer:
     def app_secret(self) -> str:
         return self.config.app_secret
 
+    @property
+    def clock(self) -> Clock:
+        """The emulator's clock (a :class:`~.clock.ManualClock` lets tests move time: same process)."""
+        return self.config.clock
+
     # -- admin helpers (over HTTP) ---------------------------------------------------------------------
 
     def _admin(self, method: str, path: str, payload: Any = None, timeout: float = 10.0) -> Any:
@@ -208,7 +214,8 @@ class EmulatorServer:
         self._admin("POST", "/_emulator/reset")
 
     def configure(self, **settings: Any) -> dict:
-        """Change runtime settings (``duration``, ``upload_url_ttl_s``, ``timestamp_window_s``,
-        ``failing_workflow_ids``, ``missing_workflow_ids``); :meth:`reset` restores the start values."""
+        """Change runtime settings (``config.RUNTIME_SETTINGS``: ``duration``, ``upload_url_ttl_s``,
+        ``timestamp_window_s``, ``eta_error``, ``eta_bias``, the ``*_workflow_ids`` and ``full_pool_ids``);
+        :meth:`reset` restores the start values."""
         payload = {k: sorted(v) if isinstance(v, set | frozenset) else v for k, v in settings.items()}
         return self._admin("POST", "/_emulator/config", payload)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -13,40 +12,48 @@ from urllib.parse import urlsplit
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_speedpix._inputs import check_strategy
-from airflow_provider_speedpix._protocol import Prediction, create_prediction_body, iter_output_urls
-from airflow_provider_speedpix.exceptions import SpeedPixNotFoundError
-from airflow_provider_speedpix.hooks.speedpix import (
-    DEFAULT_POLL_INTERVAL,
-    SpeedPixHook,
-    _safe_filename,
+from airflow_provider_speedpix._outcome import (
+    DEFER_GRACE,
+    MAX_CONSECUTIVE_ERRORS,
+    ProgressKey,
     check_positive,
+    defer_to_trigger,
+    log_progress,
+    raise_for_event,
     raise_for_prediction,
 )
-from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger, raise_for_event
+from airflow_provider_speedpix._protocol import Prediction, check_workflow_reference, iter_output_urls
+from airflow_provider_speedpix._storage import safe_filename
+from airflow_provider_speedpix.exceptions import SpeedPixNotFoundError
+from airflow_provider_speedpix.hooks.speedpix import DEFAULT_POLL_INTERVAL, SpeedPixHook
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
 #: task_state_store key holding the prediction of the current (unfinished) task instance.
 STATE_KEY = "speedpix_prediction"
-DEFAULT_TIMEOUT = 3600.0
-#: The deferral outlives the trigger's own deadline a little, so the trigger's clean event comes first.
-DEFER_GRACE = 60.0
+#: Longest wait for a prediction, seconds per try (not per request: see the hook's ``REQUEST_TIMEOUT``).
+WAIT_TIMEOUT = 3600.0
+#: Old name of :data:`WAIT_TIMEOUT`, kept for callers that import it.
+DEFAULT_TIMEOUT = WAIT_TIMEOUT
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DEFER_GRACE",
+    "STATE_KEY",
+    "WAIT_TIMEOUT",
+    "SpeedPixRunOperator",
+    "output_files_plan",
+]
 
 
 def output_files_plan(output: Any, output_dir: Any) -> list[tuple[str, str, Any]]:
     """``(place, url, destination)`` for every output URL, named after its field: ``images.png``,
     ``subject_image.png``; list items get an index (``images_0.png``)."""
     plan = []
-    for where, url in iter_output_urls(output):
-        keys = (
-            [part.strip("'\"") for part in where[len("output[") : -1].split("][")]
-            if where != "output"
-            else []
-        )
-        stem = "_".join(k for k in keys if k != "url") or "output"
-        suffix = PurePosixPath(urlsplit(url).path).suffix[:10]
-        plan.append((where, url, _join(output_dir, _safe_filename(stem + suffix))))
+    for place in iter_output_urls(output):
+        stem = "_".join(str(key) for key in place.path if key != "url") or "output"
+        suffix = PurePosixPath(urlsplit(place.url).path).suffix[:10]
+        plan.append((place.where, place.url, _join(output_dir, safe_filename(stem + suffix))))
     return plan
 
 
@@ -87,6 +94,8 @@ class SpeedPixRunOperator(BaseOperator):
         ``[operators] default_deferrable``.
     :param poll_interval: seconds between status polls near the expected end.
     :param timeout: longest wait for the prediction, seconds per try (``None``: no limit).
+    :param max_consecutive_errors: failed status polls in a row (each already retried) that the wait sits
+        out before failing, on the triggerer and on a worker alike.
     :param output_dir: local directory or object-storage URI / ``ObjectStoragePath`` to save every output
         file into (streamed). ``None``: nothing is downloaded.
     :param speedpix_conn_id: the SpeedPix connection.
@@ -118,7 +127,8 @@ class SpeedPixRunOperator(BaseOperator):
         wait_for_completion: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = DEFAULT_POLL_INTERVAL,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        timeout: float | None = WAIT_TIMEOUT,
+        max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
         output_dir: Any = None,
         speedpix_conn_id: str = SpeedPixHook.default_conn_name,
         **kwargs: Any,
@@ -133,14 +143,15 @@ class SpeedPixRunOperator(BaseOperator):
         self.return_temp_files = return_temp_files
         self.file_encoding_strategy = check_strategy(file_encoding_strategy)
         if not any(_templated(v) for v in (workflow_id, alias_id, version_id)):
-            create_prediction_body(workflow_id, {}, alias_id=alias_id, version_id=version_id)  # fail at parse
+            check_workflow_reference(workflow_id, alias_id=alias_id, version_id=version_id)  # fail at parse
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = check_positive("poll_interval", poll_interval)
         self.timeout = None if timeout is None else check_positive("timeout", timeout)
+        self.max_consecutive_errors = max_consecutive_errors
         self.output_dir = output_dir
         self.speedpix_conn_id = speedpix_conn_id
-        self._last_progress: tuple[Any, ...] | None = None
+        self._last_progress: ProgressKey | None = None
         self._state: dict[str, Any] = {}
 
     @cached_property
@@ -188,6 +199,8 @@ class SpeedPixRunOperator(BaseOperator):
             poll_interval=self.poll_interval,
             timeout=self.timeout,
             on_update=self._log_progress,
+            estimated_duration=prediction.estimated_duration,
+            max_consecutive_errors=self.max_consecutive_errors,
         )
         return self._finish(context, finished)
 
@@ -243,22 +256,19 @@ class SpeedPixRunOperator(BaseOperator):
         return prediction
 
     def _defer(self, prediction: Prediction) -> None:
-        deadline = None if self.timeout is None else time.time() + self.timeout
         self.log.info(
             "Deferring: prediction %s is polled by the triggerer; this worker slot is freed.", prediction.id
         )
         self.defer(
-            trigger=SpeedPixPredictionTrigger(
-                prediction_id=prediction.id,
+            **defer_to_trigger(
+                prediction.id,
                 speedpix_conn_id=self.speedpix_conn_id,
                 poll_interval=self.poll_interval,
-                max_poll_interval=max(self.poll_interval * 12, 60.0),
-                deadline=deadline,
+                timeout=self.timeout,
                 created_at=self._state.get("created_at", time.time()),
                 estimated_duration=prediction.estimated_duration,
-            ),
-            method_name="execute_complete",
-            timeout=None if self.timeout is None else timedelta(seconds=self.timeout + DEFER_GRACE),
+                max_consecutive_errors=self.max_consecutive_errors,
+            )
         )
 
     def _finish(self, context: Context, prediction: Prediction) -> dict[str, Any]:
@@ -282,16 +292,7 @@ class SpeedPixRunOperator(BaseOperator):
             store.delete(STATE_KEY)
 
     def _log_progress(self, prediction: Prediction) -> None:
-        seen = (prediction.status, int(prediction.progress or 0), prediction.eta_seconds)
-        if seen != self._last_progress and not prediction.finished:
-            self._last_progress = seen
-            self.log.info(
-                "Prediction %s %s: progress %s%%, ETA %ss",
-                prediction.id,
-                seen[0],
-                seen[1],
-                prediction.eta_seconds,
-            )
+        self._last_progress = log_progress(self.log, prediction, self._last_progress)
 
     def on_kill(self) -> None:
         """SpeedPix has no cancel call: say so, with the id, so a person can follow up."""

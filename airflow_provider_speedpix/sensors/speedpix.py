@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +14,9 @@ from airflow.providers.common.compat.sdk import (
     conf,
 )
 
+from airflow_provider_speedpix import _outcome
 from airflow_provider_speedpix.exceptions import SpeedPixPredictionFailed, SpeedPixTimeoutError
-from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, check_positive, raise_for_prediction
-from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger, raise_for_event
+from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -50,7 +48,7 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
     ) -> None:
         kwargs.setdefault("poke_interval", 5.0)
         super().__init__(**kwargs)
-        check_positive("poke_interval", float(self.poke_interval))
+        _outcome.check_positive("poke_interval", float(self.poke_interval))
         self.prediction_id = prediction_id
         self.speedpix_conn_id = speedpix_conn_id
         self.deferrable = deferrable
@@ -66,30 +64,21 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
         if result:
             return result.xcom_value if isinstance(result, PokeReturnValue) else None
         self.defer(
-            trigger=SpeedPixPredictionTrigger(
-                prediction_id=self.prediction_id,
+            **_outcome.defer_to_trigger(
+                self.prediction_id,
                 speedpix_conn_id=self.speedpix_conn_id,
                 poll_interval=float(self.poke_interval),
-                max_poll_interval=max(float(self.poke_interval) * 12, 60.0),
-                deadline=time.time() + float(self.timeout),
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=float(self.timeout) + 60),
+                timeout=float(self.timeout),
+            )
         )
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         prediction = self.hook.get_prediction(self.prediction_id)
         if not prediction.finished:
-            self.log.info(
-                "Prediction %s %s: progress %s%%, ETA %ss",
-                prediction.id,
-                prediction.status,
-                int(prediction.progress or 0),
-                prediction.eta_seconds,
-            )
+            _outcome.log_progress(self.log, prediction)
             return False
         try:
-            raise_for_prediction(prediction)
+            _outcome.raise_for_prediction(prediction)
         except SpeedPixPredictionFailed as err:
             if self.soft_fail:
                 raise AirflowSkipException(str(err)) from err
@@ -99,7 +88,7 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
         """Resume after the trigger fired; ``soft_fail`` is applied by the sensor base class."""
         try:
-            return raise_for_event(event, timeout=float(self.timeout)).get("output")
+            return _outcome.raise_for_event(event, timeout=float(self.timeout)).get("output")
         except SpeedPixTimeoutError as err:
             # as in poke mode: a timed-out sensor fails for good; a retry would restart the whole wait
             raise AirflowSensorTimeout(str(err)) from err

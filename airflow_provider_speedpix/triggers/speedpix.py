@@ -9,64 +9,20 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_speedpix._polling import next_poll_delay
-from airflow_provider_speedpix._protocol import Prediction
-from airflow_provider_speedpix.exceptions import (
-    SpeedPixError,
-    SpeedPixPredictionFailed,
-    SpeedPixResponseError,
-    SpeedPixServerError,
-    SpeedPixThrottledError,
-    SpeedPixTimeoutError,
-    SpeedPixTransportError,
+from airflow_provider_speedpix._outcome import (
+    EVENT_STATUSES,
+    MAX_CONSECUTIVE_ERRORS,
+    ProgressKey,
+    check_positive,
+    log_progress,
+    prediction_event,
+    raise_for_event,
 )
-from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, check_positive
+from airflow_provider_speedpix._polling import PollLoop
+from airflow_provider_speedpix.exceptions import SpeedPixError
+from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 
-#: Errors the trigger sits out (with backoff) instead of ending: the next poll may well succeed.
-TRANSIENT = (SpeedPixTransportError, SpeedPixServerError, SpeedPixThrottledError, SpeedPixResponseError)
-EVENT_STATUSES = ("success", "failed", "timeout", "error")
-
-
-def prediction_event(prediction: Prediction) -> dict[str, Any]:
-    """The terminal event for a finished prediction (plain JSON)."""
-    return {
-        "status": "success" if prediction.succeeded else "failed",
-        "prediction_id": prediction.id,
-        "prediction_status": prediction.status,
-        "output": prediction.output,
-        "error_code": prediction.error_code,
-        "message": prediction.error or prediction.message,
-        "invoke_id": prediction.invoke_id,
-    }
-
-
-def raise_for_event(event: Any, *, timeout: float | None = None) -> dict[str, Any]:
-    """Return a ``success`` event; raise the matching ``SpeedPixError`` for any other (or a malformed) one.
-
-    One policy for the operator and the sensor.
-    """
-    if (
-        not isinstance(event, dict)
-        or event.get("status") not in EVENT_STATUSES
-        or not event.get("prediction_id")
-    ):
-        raise SpeedPixError(f"Unexpected event from SpeedPixPredictionTrigger: {event!r:.300}")
-    status, prediction_id = event["status"], event["prediction_id"]
-    if status == "success":
-        return event
-    if status == "failed":
-        raise SpeedPixPredictionFailed(
-            prediction_id,
-            error_code=event.get("error_code"),
-            error_message=event.get("message"),
-            status=event.get("prediction_status") or "failed",
-        )
-    if status == "timeout":
-        raise SpeedPixTimeoutError(prediction_id, timeout=timeout, last_status=event.get("prediction_status"))
-    code = f" [{event['error_code']}]" if event.get("error_code") else ""
-    raise SpeedPixError(
-        f"Waiting for SpeedPix prediction {prediction_id} failed{code}: {event.get('message')}"
-    )
+__all__ = ["EVENT_STATUSES", "SpeedPixPredictionTrigger", "prediction_event", "raise_for_event"]
 
 
 class SpeedPixPredictionTrigger(BaseTrigger):
@@ -75,6 +31,7 @@ class SpeedPixPredictionTrigger(BaseTrigger):
     Yields exactly one :class:`TriggerEvent` whose ``status`` is ``success``, ``failed``, ``timeout`` or
     ``error``. Its kwargs hold ids and times only (never a secret); the credentials are looked up from
     ``speedpix_conn_id`` on the triggerer. All triggers of a triggerer share one HTTP connection pool.
+    The waiting rules are ``SpeedPixHook.wait_for_prediction``'s (one :class:`_polling.PollLoop`).
 
     :param prediction_id: the prediction to wait for.
     :param speedpix_conn_id: the SpeedPix connection.
@@ -96,7 +53,7 @@ class SpeedPixPredictionTrigger(BaseTrigger):
         deadline: float | None = None,
         created_at: float | None = None,
         estimated_duration: float | None = None,
-        max_consecutive_errors: int = 10,
+        max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
     ) -> None:
         super().__init__()
         self.prediction_id = prediction_id
@@ -123,9 +80,6 @@ class SpeedPixPredictionTrigger(BaseTrigger):
             },
         )
 
-    def _remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.time()
-
     def _event(self, status: str, message: str, **fields: Any) -> TriggerEvent:
         return TriggerEvent(
             {"status": status, "prediction_id": self.prediction_id, "message": message, **fields}
@@ -133,62 +87,50 @@ class SpeedPixPredictionTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = SpeedPixHook(speedpix_conn_id=self.speedpix_conn_id)
-        errors = 0
-        last_seen: tuple[Any, ...] | None = None
+        loop = PollLoop(
+            poll_interval=self.poll_interval,
+            max_interval=self.max_poll_interval,
+            deadline=self.deadline,
+            created_at=self.created_at,
+            estimated_duration=self.estimated_duration,
+            max_consecutive_errors=self.max_consecutive_errors,
+        )
+        last_logged: ProgressKey | None = None
         while True:
             try:
                 prediction = await hook.aget_prediction(self.prediction_id)
-            except TRANSIENT as err:
-                errors += 1
-                remaining = self._remaining()
-                if errors >= self.max_consecutive_errors:
-                    yield self._event(
-                        "error",
-                        f"Gave up after {errors} failed polls in a row: {err}",
-                        error_code=getattr(err, "error_code", None),
-                    )
-                    return
-                delay = min(self.max_poll_interval, self.poll_interval * 2 ** (errors - 1))
-                self.log.warning(
-                    "Polling prediction %s failed (%s); next try in %.1fs", self.prediction_id, err, delay
-                )
-                if remaining is not None and remaining <= delay:
-                    await asyncio.sleep(max(remaining, 0))
-                    yield self._timeout_event(last_seen[0] if last_seen else None)
-                    return
-                await asyncio.sleep(delay)
-                continue
             except SpeedPixError as err:
-                yield self._event("error", str(err), error_code=getattr(err, "error_code", None))
+                step = loop.failed(err, time.time())
+                if step.action in ("sleep", "timeout"):
+                    self.log.warning(
+                        "Polling prediction %s failed (%s); next try in %.1fs",
+                        self.prediction_id,
+                        err,
+                        step.delay,
+                    )
+            else:
+                step = loop.answered(prediction, time.time())
+                last_logged = log_progress(self.log, prediction, last_logged)
+            if step.prediction is not None:  # done
+                yield TriggerEvent(prediction_event(step.prediction))
                 return
-            errors = 0
-            if prediction.finished:
-                yield TriggerEvent(prediction_event(prediction))
-                return
-            seen = (prediction.status, int(prediction.progress or 0), prediction.eta_seconds)
-            if seen != last_seen:
-                last_seen = seen
-                self.log.info(
-                    "Prediction %s %s: progress %s%%, ETA %ss",
-                    self.prediction_id,
-                    prediction.status,
-                    seen[1],
-                    prediction.eta_seconds,
+            if step.action == "error":
+                yield self._event(
+                    "error", str(step.error), error_code=getattr(step.error, "error_code", None)
                 )
-            remaining = self._remaining()
-            if remaining is not None and remaining <= 0:
-                yield self._timeout_event(prediction.status)
                 return
-            if prediction.status == "waiting" and self.estimated_duration is not None:
-                prediction.estimated_duration = self.estimated_duration
-            elapsed = None if self.created_at is None else time.time() - self.created_at
-            delay = next_poll_delay(
-                prediction,
-                poll_interval=self.poll_interval,
-                max_interval=self.max_poll_interval,
-                elapsed=elapsed,
-            )
-            await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+            if step.action == "gave_up":
+                yield self._event(
+                    "error",
+                    f"Gave up after {loop.errors} failed polls in a row: {step.error}",
+                    error_code=getattr(step.error, "error_code", None),
+                )
+                return
+            if step.action == "sleep" or step.delay > 0:
+                await asyncio.sleep(step.delay)
+            if step.action == "timeout":
+                yield self._timeout_event(loop.last_status)
+                return
 
     def _timeout_event(self, last_status: str | None) -> TriggerEvent:
         return self._event(

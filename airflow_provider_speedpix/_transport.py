@@ -1,0 +1,245 @@
+"""The HTTP funnel, once per stack: ``requests`` for workers, one shared ``httpx.AsyncClient`` per event
+loop for triggers. Both sign with :func:`_signing.sign_request`, read with a size limit, map library
+errors to :mod:`exceptions` (never quoting a URL's query string), parse with :mod:`_protocol` and retry
+with :class:`_retry.RetryPolicy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import httpx
+import requests
+import urllib3
+
+from airflow_provider_speedpix import _protocol as proto
+from airflow_provider_speedpix._settings import REQUEST_TIMEOUT, SpeedPixSettings
+from airflow_provider_speedpix._signing import sign_request
+from airflow_provider_speedpix.exceptions import SpeedPixResponseError, SpeedPixTransportError
+
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+CHUNK = 1024 * 1024
+MAX_IN_FLIGHT = 16
+
+# One httpx.AsyncClient per event loop: every trigger in a triggerer shares its connection pool.
+_ASYNC_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+_ASYNC_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_async_client() -> httpx.AsyncClient:
+    """The running loop's shared client (created on first use)."""
+    loop = asyncio.get_running_loop()
+    client = _ASYNC_CLIENTS.get(loop)
+    if client is None or client.is_closed:
+        client = httpx.AsyncClient(
+            timeout=REQUEST_TIMEOUT,
+            limits=httpx.Limits(
+                max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT, keepalive_expiry=60
+            ),
+        )
+        _ASYNC_CLIENTS[loop] = client
+    return client
+
+
+def _in_flight_slots() -> asyncio.Semaphore:
+    """Bounds concurrent requests per loop to the pool size.
+
+    Thousands of triggers polling at once would otherwise queue inside httpx's pool, whose per-request
+    bookkeeping grows with the queue (measured in benchmarks/b1: CPU per call doubled at 1,000 triggers).
+    Waiting on a semaphore costs nothing.
+    """
+    loop = asyncio.get_running_loop()
+    slots = _ASYNC_SLOTS.get(loop)
+    if slots is None:
+        slots = _ASYNC_SLOTS[loop] = asyncio.Semaphore(MAX_IN_FLIGHT)
+    return slots
+
+
+class _RedactQueryStrings(logging.Filter):
+    """urllib3 logs each request line at DEBUG; a pre-signed upload URL's query string is a credential."""
+
+    _QUERY = re.compile(r"\?[^\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._QUERY.sub("?<redacted>", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+_URLLIB3_LOG = logging.getLogger("urllib3.connectionpool")
+if not any(isinstance(f, _RedactQueryStrings) for f in _URLLIB3_LOG.filters):
+    _URLLIB3_LOG.addFilter(_RedactQueryStrings())
+
+
+def new_session(endpoint: str) -> requests.Session:
+    """A keep-alive ``requests.Session`` with proxy and CA settings read once."""
+    session = requests.Session()
+    session.headers["User-Agent"] = "airflow-provider-speedpix"
+    # Read proxy and CA settings from the environment once, not on every request (trust_env scans
+    # the whole environment and ~/.netrc per call: a quarter of a status call's CPU).
+    session.proxies.update(requests.utils.get_environ_proxies(endpoint))
+    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if ca_bundle:
+        session.verify = ca_bundle
+    session.trust_env = False
+    return session
+
+
+# ---------------------------------------------------------------------- error mapping
+def requests_error(operation: str, err: requests.RequestException, host: str) -> SpeedPixTransportError:
+    """Map a requests failure; the message names the host only (never a URL with a query string)."""
+    reason = err.args[0] if err.args else None
+    reason = getattr(reason, "reason", reason)
+    never_sent = isinstance(err, requests.exceptions.ConnectTimeout) or isinstance(
+        reason, urllib3.exceptions.NewConnectionError
+    )
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        what = "connecting timed out"
+    elif never_sent:
+        what = "connection refused or host unreachable"
+    elif isinstance(err, requests.exceptions.ReadTimeout):
+        what = "no answer within the timeout"
+    else:
+        what = f"connection broken ({type(reason).__name__ if reason is not None else type(err).__name__})"
+    return SpeedPixTransportError(
+        f"SpeedPix {operation} to {host}: {what}.", operation=operation, reached_server=not never_sent
+    )
+
+
+def httpx_error(operation: str, err: httpx.HTTPError, host: str) -> SpeedPixTransportError:
+    never_sent = isinstance(err, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    if isinstance(err, httpx.TimeoutException):
+        what = "connecting timed out" if never_sent else "no answer within the timeout"
+    else:
+        what = (
+            "connection refused or host unreachable"
+            if never_sent
+            else f"connection broken ({type(err).__name__})"
+        )
+    return SpeedPixTransportError(
+        f"SpeedPix {operation} to {host}: {what}.", operation=operation, reached_server=not never_sent
+    )
+
+
+# ---------------------------------------------------------------------- size-limited reads
+def _too_large(operation: str) -> SpeedPixResponseError:
+    return SpeedPixResponseError(
+        f"SpeedPix {operation}: response larger than {MAX_RESPONSE_BYTES // 2**20} MiB; refusing to read it.",
+        operation=operation,
+    )
+
+
+def read_limited(chunks: Iterator[bytes], operation: str) -> bytes:
+    buffer = bytearray()
+    for chunk in chunks:
+        buffer += chunk
+        if len(buffer) > MAX_RESPONSE_BYTES:
+            raise _too_large(operation)
+    return bytes(buffer)
+
+
+async def aread_limited(chunks: AsyncIterator[bytes], operation: str) -> bytes:
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        if len(buffer) > MAX_RESPONSE_BYTES:
+            raise _too_large(operation)
+    return bytes(buffer)
+
+
+# ---------------------------------------------------------------------- the funnel
+def signed_headers(
+    settings: SpeedPixSettings, operation: str, body: bytes, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Fresh signature headers (new nonce and timestamp): called once per attempt."""
+    headers = sign_request(
+        method="POST",
+        path=proto.PATHS[operation],
+        body=body,
+        app_key=settings.app_key,
+        app_secret=settings.app_secret,
+    )
+    headers.update(extra or {})
+    return headers
+
+
+def call(
+    session: requests.Session,
+    settings: SpeedPixSettings,
+    operation: str,
+    payload: Mapping[str, Any],
+    *,
+    headers: Mapping[str, str] | None = None,
+    allow_failure: bool = False,
+    log: Any,
+) -> proto.Envelope:
+    """One API call from a worker: signed, size-limited, parsed, retried by the policy."""
+    body = proto.encode_body(payload)
+    url = settings.endpoint + proto.PATHS[operation]
+
+    def attempt() -> proto.Envelope:
+        try:
+            with session.post(
+                url,
+                data=body,
+                headers=signed_headers(settings, operation, body, headers),
+                timeout=settings.timeout,
+                stream=True,
+            ) as response:
+                content = read_limited(response.iter_content(CHUNK), operation)
+        except requests.RequestException as err:
+            raise requests_error(operation, err, settings.endpoint) from None
+        return proto.read_envelope(
+            operation, response.status_code, response.headers, content, allow_failure=allow_failure
+        )
+
+    return settings.retry_policy.run(operation, attempt, log)
+
+
+async def acall(
+    settings: SpeedPixSettings,
+    operation: str,
+    payload: Mapping[str, Any],
+    *,
+    allow_failure: bool = False,
+    log: Any,
+) -> proto.Envelope:
+    """:func:`call` on the event loop, through the loop's shared client and in-flight limit."""
+    body = proto.encode_body(payload)
+    url = settings.endpoint + proto.PATHS[operation]
+    client = shared_async_client()
+
+    async def attempt() -> proto.Envelope:
+        request = client.build_request(
+            "POST",
+            url,
+            content=body,
+            headers=signed_headers(settings, operation, body),
+            timeout=settings.timeout,
+        )
+        try:
+            async with _in_flight_slots():
+                response = await client.send(request, stream=True)
+                try:
+                    content = await aread_limited(response.aiter_bytes(), operation)
+                finally:
+                    await response.aclose()
+        except httpx.HTTPError as err:
+            raise httpx_error(operation, err, settings.endpoint) from None
+        return proto.read_envelope(
+            operation, response.status_code, response.headers, content, allow_failure=allow_failure
+        )
+
+    return await settings.retry_policy.arun(operation, attempt, log)
