@@ -19,6 +19,7 @@ import io
 import math
 import mimetypes
 import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePath
 from typing import IO, Any, Literal
@@ -107,7 +108,8 @@ def _local_file(path: Path, where: str) -> Path:
             f"{where}: file {str(path)!r} is not readable by this worker's user. Fix its permissions "
             "(e.g. chmod a+r) or make it readable by the user the worker runs as."
         )
-    if path.stat().st_size == 0:
+    if stat.S_ISREG(path.stat().st_mode) and path.stat().st_size == 0:
+        # (a named pipe or device reports 0 too: it is read to its end when uploaded instead)
         raise SpeedPixInputError(
             f"{where}: file {str(path)!r} is empty (0 bytes); nothing to send. Check that the task that "
             "writes it finished, or pass a different file."
@@ -122,10 +124,30 @@ def _resolved(path: Path) -> str:
         return str(path)
 
 
+def _read_at_most(stream: IO[bytes], limit: int, filename: str, where: str) -> bytes:
+    """Up to ``limit`` bytes: read until the end, since a pipe or socket may return less per call."""
+    if isinstance(stream, io.TextIOBase):
+        raise _text_stream(filename, where)
+    data = bytearray()
+    while len(data) < limit:
+        chunk = stream.read(limit - len(data))
+        if isinstance(chunk, str):
+            raise _text_stream(filename, where)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _text_stream(filename: str, where: str) -> SpeedPixInputError:
+    return SpeedPixInputError(
+        f"{where}: {filename or 'the file'} is open in text mode; files are sent as their bytes. Open it in "
+        "binary mode (open(path, 'rb')), pass its path, or wrap text in io.BytesIO(text.encode())."
+    )
+
+
 def _data_uri(stream: IO[bytes], filename: str, where: str) -> str:
-    data = stream.read(BASE64_LIMIT + 1)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
+    data = _read_at_most(stream, BASE64_LIMIT + 1, filename, where)
     if len(data) > BASE64_LIMIT:
         raise SpeedPixInputError(
             f"{where}: {filename or 'the file'} is over 1 MiB, the limit for file_encoding_strategy='base64'. "
@@ -140,12 +162,18 @@ def _data_uri(stream: IO[bytes], filename: str, where: str) -> str:
 
 
 class InputPreparer:
-    """Walks ``inputs`` once; uploads each distinct local file once."""
+    """Walks ``inputs`` once; sends each distinct file once.
+
+    Paths and ``ObjectStoragePath`` are told apart by where they point; a file object by identity (the
+    same object used twice is read once: a second read would find it at its end), kept alive here so
+    its id cannot be reused by another object meanwhile.
+    """
 
     def __init__(self, upload: Uploader, strategy: str = "url") -> None:
         self._upload = upload
         self._strategy = check_strategy(strategy)
         self._done: dict[str, str] = {}
+        self._streams: dict[int, tuple[Any, str]] = {}
 
     def prepare(self, inputs: Any) -> dict[str, Any]:
         if not isinstance(inputs, Mapping):
@@ -192,23 +220,30 @@ class InputPreparer:
         )
 
     def _file(self, source: Any, where: str) -> str:
-        key = (
-            str(source.resolve())
-            if isinstance(source, Path)
-            else (str(source) if not is_file_object(source) else "")
-        )
-        if key and key in self._done:
-            return self._done[key]
+        stream = is_file_object(source) and not is_object_storage_path(source)
+        if stream:
+            if id(source) in self._streams:
+                return self._streams[id(source)][1]
+            key = ""
+        else:
+            key = str(source.resolve()) if isinstance(source, Path) else str(source)
+            if key in self._done:
+                return self._done[key]
         filename = _filename_of(source)
         if self._strategy == "base64":
-            if is_file_object(source):
+            if stream:
                 result = _data_uri(source, filename, where)
             else:
-                with source.open("rb") as stream:
-                    result = _data_uri(stream, filename, where)
+                with source.open("rb") as opened:
+                    result = _data_uri(opened, filename, where)
         else:
-            result = self._upload(source, filename, where)
-        if key:
+            try:
+                result = self._upload(source, filename, where)
+            except SpeedPixInputError as err:  # a check of upload_file's: name the input instead
+                raise err.at(where) from None
+        if stream:
+            self._streams[id(source)] = (source, result)
+        else:
             self._done[key] = result
         return result
 

@@ -7,7 +7,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from airflow_provider_speedpix._protocol import Prediction
+from airflow_provider_speedpix._protocol import Prediction, iso, parse_datetime, parse_images
 from airflow_provider_speedpix.exceptions import (
     SpeedPixConfigError,
     SpeedPixError,
@@ -52,16 +52,42 @@ def raise_for_prediction(prediction: Prediction) -> Prediction:
 
 
 def prediction_event(prediction: Prediction) -> dict[str, Any]:
-    """The terminal event for a finished prediction (plain JSON)."""
+    """The terminal event for a finished prediction (plain JSON): everything the operator needs to finish
+    without another API call (outputs, default images, timing)."""
     return {
         "status": "success" if prediction.succeeded else "failed",
         "prediction_id": prediction.id,
         "prediction_status": prediction.status,
         "output": prediction.output,
+        "images": list(prediction.images),
+        "run_seconds": prediction.run_seconds,
+        "started_at": iso(prediction.started_at),
+        "finished_at": iso(prediction.finished_at),
+        "workflow_id": prediction.workflow_id,
         "error_code": prediction.error_code,
         "message": prediction.error or prediction.message,
         "invoke_id": prediction.invoke_id,
     }
+
+
+def prediction_from_event(event: dict[str, Any]) -> Prediction:
+    """The finished :class:`Prediction` a terminal event describes (the inverse of
+    :func:`prediction_event`, lenient about events from an older provider version)."""
+    run_seconds = event.get("run_seconds")
+    failed = event.get("status") == "failed"
+    return Prediction(
+        id=event["prediction_id"],
+        status=event.get("prediction_status") or ("failed" if failed else "succeeded"),
+        output=event.get("output"),
+        images=parse_images(event.get("images")),
+        run_seconds=float(run_seconds) if isinstance(run_seconds, int | float) else None,
+        started_at=parse_datetime(event.get("started_at")),
+        finished_at=parse_datetime(event.get("finished_at")),
+        workflow_id=event.get("workflow_id") if isinstance(event.get("workflow_id"), str) else None,
+        error=event.get("message") if failed else None,
+        error_code=event.get("error_code") if failed else None,
+        invoke_id=event.get("invoke_id"),
+    )
 
 
 def raise_for_event(event: Any, *, timeout: float | None = None) -> dict[str, Any]:
@@ -93,17 +119,66 @@ def raise_for_event(event: Any, *, timeout: float | None = None) -> dict[str, An
     )
 
 
-# ---------------------------------------------------------------------- progress log line
-ProgressKey = tuple[str, int, Any]
+# ---------------------------------------------------------------------- what people see
+ProgressKey = tuple[Any, ...]
+
+
+def describe_progress(prediction: Prediction) -> str:
+    """``queued, 3 ahead, ETA 12 s`` / ``running 42% (KSampler, step 12/20), ETA 7 s``: percentages, never
+    the wire's fraction; the queue position while waiting; node and step where the service sends them."""
+    if prediction.status == "waiting":
+        text = "queued"
+        if prediction.queue_position:
+            text += f", {prediction.queue_position} ahead"
+    else:
+        text = prediction.status
+        if prediction.percent is not None:
+            text += f" {prediction.percent}%"
+        if prediction.status == "running":
+            detail = [prediction.node] if prediction.node else []
+            if prediction.step is not None:
+                detail.append(
+                    f"step {prediction.step}/{prediction.steps}"
+                    if prediction.steps is not None
+                    else f"step {prediction.step}"
+                )
+            if detail:
+                text += f" ({', '.join(detail)})"
+    if prediction.eta_seconds is not None:
+        eta = prediction.eta_seconds
+        text += ", ETA <1 s" if 0 < eta < 0.5 else f", ETA {eta:.0f} s"
+    return text
 
 
 def log_progress(log: Any, prediction: Prediction, last: ProgressKey | None = None) -> ProgressKey:
-    """Log ``Prediction <id> <status>: progress N%, ETA Ss`` unless it equals ``last`` (or the prediction
-    finished); return what to pass as ``last`` next time."""
-    seen = (prediction.status, int(prediction.progress or 0), prediction.eta_seconds)
+    """Log ``Prediction <id> <describe_progress>`` when what it shows changed since ``last`` (status,
+    queue position, whole percent, node, step; the ETA alone does not count) and the prediction is not
+    finished; return what to pass as ``last`` next time. One helper for operator, sensor and trigger."""
+    seen = (
+        prediction.status,
+        prediction.queue_position,
+        prediction.percent,
+        prediction.node,
+        prediction.step,
+        prediction.steps,
+    )
     if seen != last and not prediction.finished:
-        log.info("Prediction %s %s: progress %s%%, ETA %ss", prediction.id, seen[0], seen[1], seen[2])
+        log.info("Prediction %s %s", prediction.id, describe_progress(prediction))
     return seen
+
+
+def describe_finished(prediction: Prediction) -> str:
+    """``succeeded: ran 0.9 s (2026-11-29T21:29:26.100+00:00 to ...), 2 default images``."""
+    text = prediction.status
+    details = []
+    if prediction.run_seconds is not None:
+        span = ""
+        if prediction.started_at is not None and prediction.finished_at is not None:
+            span = f" ({iso(prediction.started_at)} to {iso(prediction.finished_at)})"
+        details.append(f"ran {prediction.run_seconds:g} s{span}")
+    if prediction.images:
+        details.append(f"{len(prediction.images)} default image{'s' if len(prediction.images) > 1 else ''}")
+    return text + (": " + ", ".join(details) if details else "")
 
 
 # ---------------------------------------------------------------------- deferral

@@ -1,6 +1,7 @@
-"""Bytes in and out: open and size an upload source, stream it to a pre-signed URL, stream an output
-URL to a local path or an ``ObjectStoragePath`` (a local file appears only when complete), and the safe
-file names that keep a server-provided name inside its destination.
+"""Bytes in and out: open and size an upload source (spooling one whose size cannot be known to a
+temporary file), stream exactly its bytes to a pre-signed URL, stream an output URL to a local path or an
+``ObjectStoragePath`` (the destination appears only when complete), and the safe file names that keep a
+server-provided name inside its destination.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ import contextlib
 import io
 import os
 import re
+import stat
+import tempfile
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +35,7 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixConfigError,
     SpeedPixDownloadError,
     SpeedPixError,
+    SpeedPixInputError,
     SpeedPixUploadError,
 )
 
@@ -57,6 +62,12 @@ def _xml_code(text: str) -> str:
 
 
 # ---------------------------------------------------------------------- upload
+#: A stream whose size cannot be known is copied to a temporary file first: in memory up to this many
+#: bytes, on disk beyond (so memory does not grow with the stream), then uploaded with its exact size.
+SPOOL_IN_MEMORY = 1024 * 1024
+SPOOL_CHUNK = 256 * 1024
+
+
 def _seekable(stream: Any) -> bool:
     try:
         return bool(stream.seekable())
@@ -64,20 +75,104 @@ def _seekable(stream: Any) -> bool:
         return False
 
 
+def _source_error(reason: str) -> SpeedPixInputError:
+    """An upload source that cannot be sent (input preparation re-places it with ``err.at(where)``)."""
+    return SpeedPixInputError(f"upload_file: {reason}", reason=reason)
+
+
+def _text_error(name: str) -> SpeedPixInputError:
+    return _source_error(
+        f"{name} is open in text mode; files are sent as their bytes. Open it in binary mode "
+        "(open(path, 'rb')), pass its path, or wrap text in io.BytesIO(text.encode())."
+    )
+
+
+def _is_plain_file(stream: Any) -> bool:
+    """An ``open(path, 'rb')`` object: its bytes are exactly the file's bytes from ``tell()``."""
+    if isinstance(stream, io.FileIO):
+        return True
+    return isinstance(stream, io.BufferedReader | io.BufferedRandom) and isinstance(
+        getattr(stream, "raw", None), io.FileIO
+    )
+
+
+def _fd_is_regular(stream: Any) -> bool | None:
+    """Whether the stream's descriptor is a regular file (None: it has no descriptor)."""
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError, TypeError, io.UnsupportedOperation):
+        return None
+
+
 def size_of(stream: Any) -> int | None:
-    with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return os.fstat(stream.fileno()).st_size - stream.tell()
-    if _seekable(stream):
+    """Exactly how many bytes ``stream`` yields from its current position, or None when only reading
+    it to the end can tell (a pipe, a socket, an HTTP body, a decompressing or other wrapping reader)."""
+    if _is_plain_file(stream):
+        # fstat is the truth only for a regular file read as is; a pipe or socket reports 0 or nothing.
+        return max(0, os.fstat(stream.fileno()).st_size - stream.tell()) if _fd_is_regular(stream) else None
+    if isinstance(stream, io.BytesIO):
+        return max(0, len(stream.getbuffer()) - stream.tell())
+    if _fd_is_regular(stream) is False or not _seekable(stream):
+        return None
+    # Any other seekable reader (fsspec files, zip members, temporary files): its own end. A wrapper
+    # that cannot seek to its end (gzip) is read to the end instead.
+    try:
         here = stream.tell()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    try:
         end = stream.seek(0, os.SEEK_END)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        end = None
+    stream.seek(here)
+    return end - here if isinstance(end, int) and isinstance(here, int) and end >= here else None
+
+
+def _check_binary(stream: Any, name: str) -> None:
+    """Refuse a text stream before anything is sent (a seekable one is peeked at and rewound)."""
+    if isinstance(stream, io.TextIOBase):
+        raise _text_error(name)
+    if _is_plain_file(stream) or isinstance(stream, io.BytesIO) or not _seekable(stream):
+        return  # binary by type, or checked chunk by chunk while spooling
+    try:
+        here = stream.tell()
+        first = stream.read(1)
         stream.seek(here)
-        return end - here
-    return None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return  # size_of cannot measure it either: spooled, and checked chunk by chunk
+    if isinstance(first, str):
+        raise _text_error(name)
+
+
+def _chunk_bytes(chunk: Any, name: str) -> bytes | None:
+    """``chunk`` as bytes; None at the end of the stream."""
+    if isinstance(chunk, bytes | bytearray | memoryview):
+        return bytes(chunk) if chunk else None
+    if isinstance(chunk, str):
+        raise _text_error(name)
+    if chunk is None:
+        raise _source_error(
+            f"{name} returned no data without reaching its end (a non-blocking stream); pass a blocking "
+            "stream, or write it to a file first and pass the file."
+        )
+    raise _source_error(f"{name}: read() returned {type(chunk).__name__}, not bytes; pass a binary stream.")
 
 
 @contextlib.contextmanager
-def open_source(source: Any) -> Iterator[tuple[IO[bytes], str]]:
-    """Yield ``(binary stream, file name)`` for any supported upload source, closing what it opened."""
+def _spooled(stream: Any, name: str) -> Iterator[tuple[IO[bytes], int]]:
+    """Copy the rest of ``stream`` to a temporary file (memory bounded): yield it rewound and its size."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, prefix="speedpix-upload-") as spool:
+        size = 0
+        while (chunk := _chunk_bytes(stream.read(SPOOL_CHUNK), name)) is not None:
+            spool.write(chunk)
+            size += len(chunk)
+        spool.seek(0)
+        yield spool, size
+
+
+@contextlib.contextmanager
+def _opened(source: Any) -> Iterator[tuple[Any, str]]:
+    """``(stream, file name)`` for any supported upload source, closing what it opened."""
     if is_object_storage_path(source):
         if not source.is_file():
             raise SpeedPixConfigError(f"upload_file: {source} does not exist or is not a file.")
@@ -97,6 +192,55 @@ def open_source(source: Any) -> Iterator[tuple[IO[bytes], str]]:
         )
 
 
+@contextlib.contextmanager
+def open_source(source: Any) -> Iterator[tuple[IO[bytes], str, int]]:
+    """Yield ``(seekable binary stream at its first byte to send, file name, exact size)``.
+
+    A stream whose size cannot be known is spooled to a temporary file first. Text, empty and
+    non-blocking streams are refused with :class:`SpeedPixInputError` before any request is made.
+    """
+    with _opened(source) as (stream, name):
+        _check_binary(stream, name)
+        size = size_of(stream)
+        with contextlib.ExitStack() as spool:
+            if size is None:
+                stream, size = spool.enter_context(_spooled(stream, name))
+            if size == 0:
+                raise _source_error(
+                    f"{name} is empty (0 bytes from its current position); nothing to send. Check that it was "
+                    "written completely and not already read (rewind it with .seek(0)), or pass a different file."
+                )
+            yield stream, name, size
+
+
+class _ExactBody:
+    """The request body: exactly ``size`` bytes of ``stream`` from where it stands (``len()`` tells
+    ``requests`` the Content-Length; no chunked encoding). A source that ends early is an error, never a
+    short upload."""
+
+    def __init__(self, stream: IO[bytes], size: int, filename: str) -> None:
+        self._stream = stream
+        self._left = size
+        self._size = size
+        self._filename = filename
+
+    def __len__(self) -> int:
+        return self._left
+
+    def read(self, amount: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        want = self._left if amount is None or amount < 0 else min(amount, self._left)
+        data = self._stream.read(want)
+        if not data:
+            raise SpeedPixUploadError(
+                f"Uploading {self._filename!r}: the source ended after {self._size - self._left} of "
+                f"{self._size} bytes; was it changed while uploading? Upload a file that is not being written."
+            )
+        self._left -= len(data)
+        return bytes(data)
+
+
 def upload(
     session: requests.Session,
     settings: SpeedPixSettings,
@@ -107,21 +251,18 @@ def upload(
     content_type: str | None,
     log: Any,
 ) -> UploadedFile:
-    """Sign, then stream ``source`` to the pre-signed URL; a URL that expired before its PUT is signed
-    again and the whole stream sent again (when it can be rewound)."""
-    with open_source(source) as (stream, name):
+    """Sign, then stream ``source`` to the pre-signed URL with its exact Content-Length; a URL that
+    expired before its PUT is signed again and the whole stream sent again."""
+    with open_source(source) as (stream, name, size):
         filename = filename or name
         content_type = content_type or guess_content_type(filename)
-        size = size_of(stream)
-        # The first PUT consumes the stream: rewind before sending it again (a stream that cannot be
-        # rewound is not re-signed, its bytes are gone).
-        start = stream.tell() if _seekable(stream) else None
+        start = stream.tell()
         for sign_attempt in range(2):
-            if start is not None:
-                stream.seek(start)
+            stream.seek(start)
             upload_url, fields = sign(content_type, filename)
-            last = sign_attempt == 1 or start is None
-            if not put(session, settings, upload_url, stream, content_type, size, filename, last, log):
+            if not put(
+                session, settings, upload_url, stream, content_type, size, filename, sign_attempt == 1, log
+            ):
                 break
         log.info("Uploaded %s (%s bytes) to SpeedPix as %s", filename, size, fields["access_url"])
         return UploadedFile(filename=filename, content_type=content_type, size=size, **fields)
@@ -133,22 +274,20 @@ def put(
     upload_url: str,
     stream: IO[bytes],
     content_type: str,
-    size: int | None,
+    size: int,
     filename: str,
     last: bool,
     log: Any,
 ) -> bool:
-    """PUT the stream; returns True when the URL had expired (and ``last`` is False)."""
+    """PUT ``size`` bytes of the (seekable) stream from its current position, rewinding to that position
+    before every attempt; returns True when the URL had expired (and ``last`` is False)."""
     host = urllib.parse.urlsplit(upload_url).netloc
-    start = stream.tell() if _seekable(stream) else None
-    headers = {"Content-Type": content_type}
-    if size is not None:
-        headers["Content-Length"] = str(size)
+    start = stream.tell()
+    headers = {"Content-Type": content_type, "Content-Length": str(size)}
 
     def attempt() -> bool:
-        if start is not None:
-            stream.seek(start)
-        body: Any = stream if size is not None else iter(lambda: stream.read(CHUNK), b"")
+        stream.seek(start)
+        body = _ExactBody(stream, size, filename)
         try:
             response = session.put(upload_url, data=body, headers=headers, timeout=settings.timeout)
         except requests.RequestException as err:
@@ -166,12 +305,7 @@ def put(
             )
         raise SpeedPixUploadError(f"Uploading {filename!r}: {failure}", retryable=True)
 
-    policy = settings.retry_policy
-    return (
-        policy.run("upload", attempt, log)
-        if start is not None
-        else policy.with_attempts(1).run("upload", attempt, log)
-    )
+    return settings.retry_policy.run("upload", attempt, log)
 
 
 # ---------------------------------------------------------------------- download
@@ -196,7 +330,9 @@ def download(
                         "are temporary; download soon after the prediction finishes.",
                         retryable=retryable_status(response.status_code),
                     )
-                write_stream(response.iter_content(CHUNK), target)
+                write_stream(
+                    response.iter_content(CHUNK), target, expected_size=_expected_size(response.headers)
+                )
                 return target
         except requests.RequestException as err:
             # Raised below, outside this block: requests' error names the full URL (the query string of
@@ -234,24 +370,69 @@ def resolve_destination(url: str, destination: Any) -> Any:
     return path
 
 
-def write_stream(chunks: Iterator[bytes], target: Any) -> None:
-    """Write chunks to ``target``; a local file appears only when complete (written as ``.part`` first).
-
-    A broken stream (a ``requests`` error) is re-raised for the caller to retry; a file-system error
-    becomes a :class:`SpeedPixDownloadError` naming the destination.
-    """
-    local = isinstance(target, Path)
-    partial = target.with_name(target.name + ".part") if local else target
+def _expected_size(headers: Any) -> int | None:
+    """The body's size from Content-Length, when the bytes written are the bytes sent (not decoded)."""
+    if headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        return None
     try:
+        size = int(headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return size if size >= 0 else None
+
+
+def _temporary_sibling(target: Any) -> Any:
+    """A unique name beside ``target`` for the bytes in flight (renamed onto ``target`` when complete)."""
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
+
+
+def _move_into_place(partial: Any, target: Any) -> None:
+    """Rename ``partial`` onto ``target``: ``os.replace`` locally; fsspec's ``mv`` for object storage
+    (a rename where the file system has one, copy then delete where it has not)."""
+    if isinstance(partial, Path):
+        os.replace(partial, target)
+        return
+    fs = target.fs
+    try:
+        fs.mv(partial.path, target.path)
+    except NotImplementedError:
+        fs.copy(partial.path, target.path)
+        fs.rm(partial.path)
+
+
+def _remove(partial: Any) -> None:
+    with contextlib.suppress(Exception):  # best effort: the original error is what matters
+        if isinstance(partial, Path):
+            partial.unlink(missing_ok=True)
+        elif partial.exists():
+            partial.fs.rm(partial.path)
+
+
+def write_stream(chunks: Iterator[bytes], target: Any, *, expected_size: int | None = None) -> None:
+    """Write chunks to ``target`` atomically: to a temporary sibling first, moved onto ``target`` only
+    when complete (and ``expected_size`` bytes long, when given); on any failure the temporary is
+    deleted and ``target`` is left as it was. Works for local paths and any ``ObjectStoragePath``.
+
+    A broken stream (a ``requests`` error) is re-raised for the caller to retry; a short body is a
+    retryable :class:`SpeedPixDownloadError`; a file-system error becomes a
+    :class:`SpeedPixDownloadError` naming the destination.
+    """
+    partial = _temporary_sibling(target)
+    try:
+        written = 0
         with partial.open("wb") as out:
             for chunk in chunks:
                 out.write(chunk)
-        if local:
-            os.replace(partial, target)
+                written += len(chunk)
+        if expected_size is not None and written != expected_size:
+            raise SpeedPixDownloadError(
+                f"download: the body of {target.name} ended after {written} of {expected_size} bytes "
+                "(connection cut); nothing was saved.",
+                retryable=True,
+            )
+        _move_into_place(partial, target)
     except BaseException as err:
-        if local:
-            with contextlib.suppress(OSError):
-                partial.unlink()
+        _remove(partial)
         if isinstance(err, OSError) and not isinstance(err, requests.RequestException):
             reason = err.strerror or str(err)
             raise SpeedPixDownloadError(

@@ -19,7 +19,21 @@ class SpeedPixConfigError(SpeedPixError, ValueError):
 
 
 class SpeedPixInputError(SpeedPixConfigError):
-    """A value in a prediction's ``inputs`` cannot be sent; the message names its place in ``inputs``."""
+    """A value in a prediction's ``inputs`` cannot be sent; the message names its place in ``inputs``.
+
+    ``reason`` is the message without its place, set when the same check also serves
+    ``SpeedPixHook.upload_file`` (whose message starts ``upload_file:``): :meth:`at` names the input.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def at(self, where: str) -> SpeedPixInputError:
+        """The same error, placed at ``where`` (e.g. ``inputs['image']``)."""
+        if self.reason is None:
+            return self
+        return SpeedPixInputError(f"{where}: {self.reason}", reason=self.reason)
 
 
 class SpeedPixTransportError(SpeedPixError):

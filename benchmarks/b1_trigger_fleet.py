@@ -46,7 +46,7 @@ PREDICTION_SECONDS = 3600  # in flight for the whole measurement
 async def _child_main(args: argparse.Namespace) -> dict:
     import httpx
 
-    import airflow_provider_speedpix.hooks.speedpix as hook_mod
+    import airflow_provider_speedpix._transport as transport_mod
     import airflow_provider_speedpix.triggers.speedpix as trig_mod
     from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
     from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
@@ -68,10 +68,10 @@ async def _child_main(args: argparse.Namespace) -> dict:
             if client is None:
                 nonlocal created_in_window
                 created_in_window += measuring
-                client = clients[task] = httpx.AsyncClient(timeout=hook_mod.DEFAULT_TIMEOUT)
+                client = clients[task] = httpx.AsyncClient(timeout=transport_mod.REQUEST_TIMEOUT)
             return client
 
-        hook_mod.shared_async_client = per_trigger_client  # type: ignore[assignment]
+        transport_mod.shared_async_client = per_trigger_client  # type: ignore[assignment]
 
     lags: list[float] = []
     latencies: list[float] = []

@@ -6,7 +6,7 @@ exactly as the operator passes them; ``poll_interval`` and ``max_poll_interval``
 defaults, 2 s and 60 s).
 
 * ``adaptive`` - the provider as shipped (``_polling.next_poll_delay``).
-* ``fixed``    - baseline: ``next_poll_delay`` in the trigger module is monkeypatched to return
+* ``fixed``    - baseline: ``_polling.next_poll_delay`` (which the trigger's poll loop calls) is monkeypatched to return
   ``poll_interval`` always, i.e. the usual fixed-interval loop.
 
 Both variants run concurrently in ONE event loop (the patched function dispatches on a context variable
@@ -37,7 +37,7 @@ VARIANTS = ("fixed", "adaptive")
 
 
 async def _run(args: argparse.Namespace, emu: c.Emulator) -> dict[str, list[dict]]:
-    import airflow_provider_speedpix.triggers.speedpix as trig_mod
+    import airflow_provider_speedpix._polling as polling_mod
     from airflow_provider_speedpix._polling import next_poll_delay
     from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
     from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
@@ -52,7 +52,7 @@ async def _run(args: argparse.Namespace, emu: c.Emulator) -> dict[str, list[dict
             prediction, poll_interval=poll_interval, max_interval=max_interval, elapsed=elapsed
         )
 
-    trig_mod.next_poll_delay = dispatch  # type: ignore[assignment]
+    polling_mod.next_poll_delay = dispatch  # type: ignore[assignment]
     original_get = SpeedPixHook.aget_prediction
 
     async def counted_get(self, prediction_id: str):

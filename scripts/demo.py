@@ -1,6 +1,8 @@
 """`make demo`: run the example DAG end to end against the bundled emulator, on Airflow's default SQLite.
 
-Starts the emulator on a free loopback port, points a ``speedpix_default`` connection at it, runs
+Starts the emulator on a free loopback port with room for one running task (``--capacity 1``), points a
+``speedpix_default`` connection at it, submits two predictions of "another team" so the example's own
+prediction has a queue to wait in (the task log shows ``queued, 2 ahead`` ... ``running 40%``), runs
 ``airflow dags test speedpix_white_background``, checks the saved output is a PNG, prints its path and
 stops the emulator.
 """
@@ -22,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".demo"
 BIN = Path(sys.executable).parent
 DAG_ID = "speedpix_white_background"
+#: Predictions submitted before the DAG runs, so the demo's task log shows a real queue position.
+QUEUE_AHEAD = 2
 
 
 def free_port() -> int:
@@ -43,6 +47,17 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 30.0) ->
     sys.exit("demo: the emulator did not start within 30 s")
 
 
+def occupy_the_queue(env: dict[str, str], predictions: int) -> None:
+    """Submit ``predictions`` through the provider's own hook, in a child with the demo's Airflow env."""
+    code = (
+        "from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook\n"
+        "hook = SpeedPixHook()\n"
+        f"for n in range({predictions}):\n"
+        "    hook.create_prediction('wf-other-team', {'text': f'another team job {n}'})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
 def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     output_dir = WORK / "output"
@@ -62,6 +77,8 @@ def main() -> int:
             secret,
             "--duration",
             "5",
+            "--capacity",
+            "1",
         ],
     )
     try:
@@ -80,6 +97,7 @@ def main() -> int:
         subprocess.run(
             [str(BIN / "airflow"), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL
         )
+        occupy_the_queue(env, predictions=QUEUE_AHEAD)
         result = subprocess.run([str(BIN / "airflow"), "dags", "test", DAG_ID], env=env, check=False)
         if result.returncode != 0:
             print(f"demo: `airflow dags test {DAG_ID}` failed with code {result.returncode}", file=sys.stderr)
@@ -96,7 +114,8 @@ def main() -> int:
             emulator.wait(timeout=10)
         except subprocess.TimeoutExpired:
             emulator.kill()
-    print(f"\nSpeedPix demo succeeded: the emulator saw {calls['comfy_prompt']} prediction(s).")
+    own = calls["comfy_prompt"] - QUEUE_AHEAD
+    print(f"\nSpeedPix demo succeeded: the DAG made {own} prediction(s), queued behind {QUEUE_AHEAD} others.")
     print(f"Output image: {images[0]}")
     return 0
 

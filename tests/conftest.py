@@ -98,9 +98,16 @@ def run_dag(airflow_db, speedpix_conn):
     return run
 
 
+#: Where the catalog example writes, the same for every test of the session: ``dag.test()`` of ANY example
+#: parses the whole examples folder and registers the ``speedpix_catalog`` Asset with the URI it sees, and
+#: an Asset may not change its URI between parses (a later run with another URI records no asset event).
+CATALOG = _HOME / "catalog"
+
+
 @pytest.fixture
-def example_dags_folder(airflow_db):
+def example_dags_folder(airflow_db, monkeypatch):
     """Copy ``dags_examples/`` into the session dags folder; yields the copy's path."""
+    monkeypatch.setenv("SPEEDPIX_CATALOG_URI", f"file://{CATALOG}")
     target = DAGS_FOLDER / "examples"
     shutil.copytree(ROOT / "dags_examples", target, dirs_exist_ok=True)
     yield target

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DAGS_FOLDER, ROOT
+from tests.conftest import CATALOG, ROOT
 from tests.test_operator import PNG_MAGIC, ti_of, xcom
 
-CATALOG = DAGS_FOLDER.parent / "catalog"
 EXAMPLES = sorted(p.stem for p in (ROOT / "dags_examples").glob("*.py"))
 
 
@@ -34,8 +33,7 @@ def load(folder: Path, name: str):
 @pytest.fixture
 def examples(example_dags_folder, speedpix_conn, tmp_path, monkeypatch):
     monkeypatch.setenv("SPEEDPIX_OUTPUT_DIR", str(tmp_path / "output"))
-    # One URI per session: the Asset's name is fixed, and an Asset may not change its URI between parses.
-    monkeypatch.setenv("SPEEDPIX_CATALOG_URI", f"file://{CATALOG}")
+    # SPEEDPIX_CATALOG_URI: set by example_dags_folder, one URI per session (see conftest.CATALOG)
     return example_dags_folder
 
 

@@ -7,6 +7,7 @@ import base64
 import io
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -302,7 +303,7 @@ class ReadOnlyStream:
 def test_upload_non_seekable_stream(hook, emulator):
     content = PNG_MAGIC + b"streamed" * 1000
     uploaded = hook.upload_file(ReadOnlyStream(content), filename="piped.png")
-    assert uploaded.size is None
+    assert uploaded.size == len(content)  # spooled first, then sent with its exact size (_storage.py)
     assert fetch(hook, uploaded.access_url) == content
 
 
@@ -433,35 +434,65 @@ def test_create_prediction_missing_workflow(hook, emulator):
 
 
 # ---------------------------------------------------------------- get_prediction
-def test_get_prediction_waiting(hook, emulator):
+@pytest.fixture
+def clocked(make_emulator, monkeypatch):
+    """A private emulator on a ManualClock (time moves only with ``clocked.clock.advance``), and the
+    connection pointing at it: exact values, no sleeping."""
+    server = make_emulator()
+    set_connection(monkeypatch, server)
+    return server
+
+
+def test_get_prediction_waiting(clocked):
+    hook = SpeedPixHook()
     prediction = hook.create_prediction("sleep-100", {})
     current = hook.get_prediction(prediction.id)
     assert current.status == "waiting"
     assert current.progress == 0
     assert current.eta_seconds == 100
+    assert current.queue_position == 0
     assert current.output is None
-    assert emulator.stats()["calls"]["comfy_get_result"] == 0
+    assert clocked.stats()["calls"]["comfy_get_result"] == 0
 
 
-def test_get_prediction_running(hook, emulator):
-    prediction = hook.create_prediction("sleep-3", {})  # waiting for 0.3 s, then running
-    current = wait_until(lambda: (p := hook.get_prediction(prediction.id)).status == "running" and p)
-    assert 0 <= current.progress < 100
-    assert current.message
+def test_get_prediction_running(clocked):
+    hook = SpeedPixHook()
+    prediction = hook.create_prediction("sleep-10", {})  # waiting for 1 s, then running for 9 s
+    clocked.clock.advance(5.5)  # half way through the running time
+    current = hook.get_prediction(prediction.id)
+    assert current.status == "running"
+    assert (current.progress, current.percent, current.eta_seconds) == (0.5, 50, 4.5)
+    assert (current.node, current.node_index, current.node_count, current.step, current.steps) == (
+        "KSampler",
+        3,
+        5,
+        11,
+        20,
+    )
+    assert current.message == "executing KSampler (step 11/20)"
+    assert current.queue_position is None
     assert current.output is None and not current.finished
-    assert emulator.stats()["calls"]["comfy_get_result"] == 0
+    assert clocked.stats()["calls"]["comfy_get_result"] == 0
 
 
-def test_get_prediction_succeeded(hook, emulator):
-    prediction = hook.create_prediction("sleep-0", {}, return_temp_files=True)
+def test_get_prediction_succeeded(clocked):
+    hook = SpeedPixHook()
+    created_wall = clocked.clock.time()
+    prediction = hook.create_prediction("wf-1", {}, return_temp_files=True)  # 1 s: 0.1 waiting, 0.9 running
+    clocked.clock.advance(1)
     done = hook.get_prediction(prediction.id)
     assert done.succeeded and done.finished
-    assert done.progress == 100
+    assert (done.progress, done.percent) == (1, 100)
     assert set(done.output) == {"images", "subject_image", "mask_image"}
     assert done.output["images"]["url"].endswith(f"/{prediction.id}/output.png")
-    assert done.extra["images"] == [done.output["images"]["url"]]
+    assert done.images == [done.output["images"]["url"]]
+    assert done.run_seconds == 0.9
+    begin_ms = round((created_wall + 0.1) * 1000)
+    assert done.started_at == datetime.fromtimestamp(begin_ms / 1000, tz=UTC)
+    assert done.finished_at == datetime.fromtimestamp((begin_ms + 900) / 1000, tz=UTC)
+    assert done.workflow_id == "wf-1"
     assert done.error is None
-    assert emulator.stats()["calls"]["comfy_get_result"] == 1
+    assert clocked.stats()["calls"]["comfy_get_result"] == 1
 
 
 def test_get_prediction_failed(hook):

@@ -61,7 +61,7 @@ def envelope(data, **fields):
 
 
 CREATED = {"json": envelope({"taskId": "task-1", "status": "waiting", "estimatedDurationInSeconds": 3})}
-RUNNING = {"json": envelope({"taskId": "task-1", "status": "running", "progress": 50, "etaRelative": 2})}
+RUNNING = {"json": envelope({"taskId": "task-1", "status": "running", "progress": 0.5, "etaRelative": 2})}
 THROTTLED_429 = {
     "status_code": 429,
     "headers": {
@@ -273,7 +273,7 @@ def test_create_retries_are_freshly_signed_with_exact_bytes(hook, requests_mock)
 def test_5xx_on_progress_is_retried_then_succeeds(hook, requests_mock):
     requests_mock.post(PROGRESS_URL, [SERVER_500, BAD_GATEWAY_HTML, UNAVAILABLE_503, RUNNING])
     prediction = hook.get_prediction("task-1")
-    assert (prediction.status, prediction.progress) == ("running", 50)
+    assert (prediction.status, prediction.progress) == ("running", 0.5)
     history = posts(requests_mock, PROGRESS_URL)
     assert len(history) == 4
     nonces = {r.headers["x-ca-nonce"] for r in history}

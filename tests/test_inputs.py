@@ -290,9 +290,56 @@ def test_base64_empty_stream_rejected(uploader):
         prepare({"image": io.BytesIO(b"")}, uploader, "base64")
 
 
-def test_base64_text_stream_is_encoded_as_utf8(uploader):
-    out = prepare({"doc": io.StringIO("白")}, uploader, "base64")
-    assert decode_data_uri(out["doc"])[1] == "白".encode()
+def test_base64_text_stream_rejected(uploader, png):
+    """A text stream has no bytes of its own (its encoding and newlines decide them): refused by name."""
+    with pytest.raises(SpeedPixInputError, match=r"inputs\['doc'\]: file is open in text mode.*'rb'"):
+        prepare({"doc": io.StringIO("白")}, uploader, "base64")
+    with png.open("r", encoding="latin-1") as text, pytest.raises(SpeedPixInputError, match="text mode"):
+        prepare({"doc": text}, uploader, "base64")
+
+
+class ShortReads(io.RawIOBase):
+    """A pipe-like reader: each read returns at most 7 bytes, however many were asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        self._inner = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._inner.read(min(7, len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def test_base64_reads_a_short_reading_stream_to_its_end(uploader):
+    out = prepare({"image": ShortReads(PNG)}, uploader, "base64")
+    assert decode_data_uri(out["image"])[1] == PNG
+
+
+@pytest.mark.parametrize("strategy", ["url", "base64"])
+def test_same_stream_twice_is_sent_once(uploader, strategy):
+    """The second use of one file object would read it at its end: it reuses the first result."""
+    stream = io.BytesIO(PNG)
+    out = prepare({"a": stream, "b": stream, "nested": [{"c": stream}]}, uploader, strategy)
+    assert out["a"] == out["b"] == out["nested"][0]["c"]
+    if strategy == "url":
+        assert [c[2] for c in uploader.calls] == ["inputs['a']"]
+    else:
+        assert decode_data_uri(out["b"])[1] == PNG
+
+
+def test_upload_check_is_named_at_its_input(uploader):
+    """upload_file's own refusals (empty, text, ...) name the input field when raised while preparing."""
+
+    def refuse(source, filename, where):
+        raise SpeedPixInputError("upload_file: file is empty (0 bytes)", reason="file is empty (0 bytes)")
+
+    with pytest.raises(SpeedPixInputError) as info:
+        InputPreparer(refuse).prepare({"cfg": {"image": io.BytesIO()}})
+    assert str(info.value) == "inputs['cfg']['image']: file is empty (0 bytes)"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 @pytest.mark.parametrize("strategy", ["URL", "b64", "", None, "file"])

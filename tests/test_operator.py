@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,17 @@ from airflow_provider_speedpix.exceptions import SpeedPixConfigError
 from airflow_provider_speedpix.operators.speedpix import SpeedPixRunOperator, output_files_plan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: The operator's return value; the README's "Return value (XCom)" documents each.
+XCOM_KEYS = {
+    "prediction_id",
+    "status",
+    "output",
+    "images",
+    "files",
+    "run_seconds",
+    "started_at",
+    "finished_at",
+}
 
 HEADER = """
 from datetime import timedelta
@@ -60,9 +73,13 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", deferrable={
     )
     assert dr.state == "success"
     result = xcom(dr, "run")
-    assert set(result) == {"prediction_id", "status", "output", "files"}
+    assert set(result) == XCOM_KEYS
     assert result["status"] == "succeeded"
     assert result["output"]["images"]["url"].startswith(speedpix_conn.url)
+    # the service lists the same file in `images`: kept in XCom, downloaded once under the field's name
+    assert result["images"] == [result["output"]["images"]["url"]]
+    assert result["run_seconds"] == 0.9
+    assert datetime.fromisoformat(result["started_at"]) < datetime.fromisoformat(result["finished_at"])
     names = sorted(p.split("/")[-1] for p in result["files"])
     assert names == ["images.png", "mask_image.png", "subject_image.png"]
     for path in result["files"]:
@@ -73,6 +90,72 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", deferrable={
     assert calls["upload_put"] == 1  # the same file twice in inputs is uploaded once
     # the rendered template reached the API; files did not need the triggerer's disk
     assert calls["file_get"] == 3
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_default_output_workflow_saves_every_image(run_dag, speedpix_conn, tmp_path, deferrable, capsys):
+    """A workflow without custom output fields: `result` is empty, the images are only in `images`.
+    Every one is saved, under names that cannot overwrite each other."""
+    out = tmp_path / "out"
+    dr = run_dag(
+        HEADER
+        + f"""
+SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-images-only", inputs={{"text": "x"}},
+    deferrable={deferrable}, poll_interval=0.1, timeout=60, output_dir={str(out)!r})
+"""
+    )
+    assert dr.state == "success"
+    result = xcom(dr, "run")
+    assert set(result) == XCOM_KEYS
+    assert result["output"] is None
+    assert [url.rsplit("/", 1)[-1] for url in result["images"]] == [
+        "ComfyUI_00001_.png",
+        "ComfyUI_00002_.png",
+    ]
+    assert [Path(p).name for p in result["files"]] == ["image_0.png", "image_1.png"]
+    # each file holds its own URL's image: neither overwrote the other (the emulator's two images are
+    # different PNGs for 15 task ids in 16: compare with what each URL serves, not with each other)
+    from airflow_provider_speedpix.emulator.png import output_png
+
+    saved = [Path(p).read_bytes() for p in result["files"]]
+    assert all(data[:8] == PNG_MAGIC for data in saved)
+    prediction_id = result["prediction_id"]
+    assert saved == [output_png(prediction_id, "ComfyUI_00001_"), output_png(prediction_id, "ComfyUI_00002_")]
+    assert speedpix_conn.calls("file_get") == 2
+    assert result["run_seconds"] == 0.9
+    started, finished = (datetime.fromisoformat(result[k]) for k in ("started_at", "finished_at"))
+    assert started.tzinfo == UTC and (finished - started).total_seconds() == pytest.approx(0.9, abs=0.002)
+    text = capsys.readouterr().out
+    assert "succeeded: ran 0.9 s (" in text and "2 default images" in text
+    assert "Saved images[0] to " in text and "Saved images[1] to " in text
+    if not deferrable:  # the worker's own wait shows percentages (the trigger's: tests/test_progress.py)
+        assert re.search(r"Prediction \w+ running \d+%", text)
+
+
+def test_default_images_are_named_apart_from_custom_fields(tmp_path):
+    output = {
+        "image": ["http://h/custom/a.png", "http://h/custom/b.png"],  # image_0.png, image_1.png
+        "preview": {"url": "http://h/custom/p"},  # a custom field keeps the URL's (missing) suffix
+        "same": "http://h/shared.png",
+    }
+    images = [
+        "http://h/default/ComfyUI_1.png",
+        "http://h/default/noext",
+        "http://h/shared.png",
+        "http://h/d/x.JPG",
+    ]
+    plan = output_files_plan(output, str(tmp_path), images)
+    assert [(where, dest.name) for where, _, dest in plan] == [
+        ("output['image'][0]", "image_0.png"),
+        ("output['image'][1]", "image_1.png"),
+        ("output['preview']['url']", "preview"),
+        ("output['same']", "same.png"),
+        ("images[0]", "image_0-2.png"),  # would clash with the custom field's file
+        ("images[1]", "image_1-2.png"),  # no suffix in the URL: .png
+        ("images[3]", "image_3.JPG"),  # images[2] is output['same']: saved once
+    ]
+    names = [dest.name.lower() for _, _, dest in plan]
+    assert len(names) == len(set(names))
 
 
 def test_wait_for_completion_false_returns_id_at_once(run_dag, speedpix_conn):

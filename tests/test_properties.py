@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,12 @@ from hypothesis import strategies as st
 
 from airflow_provider_speedpix import _protocol as proto
 from airflow_provider_speedpix._inputs import MEDIA_SUFFIXES, InputPreparer
+from airflow_provider_speedpix._outcome import (
+    describe_finished,
+    describe_progress,
+    prediction_event,
+    prediction_from_event,
+)
 from airflow_provider_speedpix._signing import sign_request
 from airflow_provider_speedpix.emulator.app import EmulatorConfig, EmulatorState, GatewayError
 from airflow_provider_speedpix.exceptions import SpeedPixError, SpeedPixInputError
@@ -265,6 +272,17 @@ def test_path_like_strings_that_do_not_exist(prefix, rest, suffix):
 
 
 # ---------------------------------------------------------------------- response parsing
+numbers = st.one_of(
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1796000000100, 1796000000, 0, -1, 10**18, "1796000000100"]),
+)
+node_state_keys = st.sampled_from(
+    ["node", "nodeIndex", "nodeCount", "step", "steps", "value", "max", "nodeName", "title", "x"]
+)
+node_states = st.dictionaries(node_state_keys, json_values | numbers, max_size=6) | json_values.map(
+    json.dumps
+)
 header_names = st.sampled_from(
     ["X-Ca-Error-Code", "X-Ca-Error-Message", "x-ca-error-code", "X-Ca-Request-Id", "Content-Type", "X-Other"]
 )
@@ -293,6 +311,11 @@ envelope_like = st.fixed_dictionaries(
                     "result": json_values,
                     "images": json_values,
                     "info": json_values,
+                    "lastQueueRemaining": json_values,
+                    "state": json_values | node_states,
+                    "taskDuration": json_values | numbers,
+                    "taskBeginTime": json_values | numbers,
+                    "taskEndTime": json_values | numbers,
                     "uploadUrl": json_values,
                     "accessUrl": json_values,
                     "objectKey": json_values,
@@ -327,12 +350,38 @@ def parse_everything(status_code: int, headers: dict, content: bytes) -> None:
                 continue
             if isinstance(envelope.data, dict):
                 must_be_speedpix_error(proto.parse_created, envelope)
-                must_be_speedpix_error(proto.parse_progress, "p-1", envelope)
+                progress = must_be_speedpix_error(proto.parse_progress, "p-1", envelope)
                 must_be_speedpix_error(proto.parse_upload_sign, envelope)
+                if progress is not None:
+                    check_shown_to_people(progress)
             prediction = must_be_speedpix_error(
                 proto.apply_result, proto.Prediction(id="p-1", status="succeeded"), envelope
             )
-            json.dumps(prediction.to_dict(), allow_nan=False)  # an event payload must be plain JSON
+            check_shown_to_people(prediction)
+            event = prediction_event(prediction)
+            json.dumps(event, allow_nan=False)  # an event payload must be plain JSON
+            assert prediction_from_event(event).images == prediction.images
+            data = prediction.to_dict()
+            json.dumps(data, allow_nan=False)
+            assert proto.Prediction.from_dict(json.loads(json.dumps(data))) == prediction
+
+
+def check_shown_to_people(prediction: proto.Prediction) -> None:
+    """Whatever the service sent: a fraction 0..1, a whole percent 0..100, sane counts, aware UTC times,
+    URL strings, and a progress line that renders."""
+    assert prediction.progress is None or 0 <= prediction.progress <= 1
+    assert prediction.percent is None or (
+        isinstance(prediction.percent, int) and 0 <= prediction.percent <= 100
+    )
+    for count in (prediction.queue_position, prediction.node_index, prediction.node_count, prediction.step):
+        assert count is None or (isinstance(count, int) and count >= 0)
+    assert prediction.node is None or (isinstance(prediction.node, str) and len(prediction.node) <= 83)
+    assert prediction.run_seconds is None or prediction.run_seconds >= 0
+    for moment in (prediction.started_at, prediction.finished_at):
+        assert moment is None or moment.utcoffset() == timedelta(0)
+    assert all(isinstance(url, str) and url for url in prediction.images)
+    assert isinstance(describe_progress(prediction), str)
+    assert isinstance(describe_finished(prediction), str)
 
 
 @SETTINGS
@@ -347,3 +396,23 @@ def parse_everything(status_code: int, headers: dict, content: bytes) -> None:
 @example(status_code=403, headers={"X-Ca-Error-Message": "Throttled"}, content=b"")
 def test_parsing_never_raises_anything_but_speedpix_errors(status_code, headers, content):
     parse_everything(status_code, headers, content)
+
+
+@SETTINGS
+@given(value=json_values | numbers | node_states)
+@example(value={"node": {"nested": 1}, "step": -3, "steps": 1e300})
+@example(value='{"node": "KSampler", "step": 12, "steps": 20}')
+@example(value="{" * 3000)
+@example(value={"value": 3, "max": 20, "node": 7})
+def test_node_state_parsing_is_lenient(value):
+    state = proto.parse_node_state(value)
+    assert set(state) <= {"node", "node_index", "node_count", "step", "steps"}
+    prediction = proto.Prediction(id="p", status="running", progress=0.5, **state)
+    check_shown_to_people(prediction)
+
+
+@SETTINGS
+@given(value=json_values | numbers)
+def test_progress_is_always_a_fraction_or_none(value):
+    fraction = proto._fraction(value)
+    assert fraction is None or 0 <= fraction <= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -285,9 +286,85 @@ def test_parse_created_without_task_id(data):
 def test_parse_progress():
     pred = parse_progress(
         "t-1",
-        ok({"taskId": "t-1", "progress": 42.0, "etaRelative": 7, "message": "node 3", "status": "RUNNING"}),
+        ok({"taskId": "t-1", "progress": 0.42, "etaRelative": 7, "message": "node 3", "status": "RUNNING"}),
     )
-    assert (pred.status, pred.progress, pred.eta_seconds, pred.message) == ("running", 42.0, 7.0, "node 3")
+    assert (pred.status, pred.progress, pred.eta_seconds, pred.message) == ("running", 0.42, 7.0, "node 3")
+    assert pred.percent == 42
+
+
+@pytest.mark.parametrize(
+    ("wire", "fraction", "percent"),
+    [
+        (0, 0.0, 0),
+        (0.42, 0.42, 42),
+        (0.999, 0.999, 99),  # rounded down: not done until it is
+        (1, 1.0, 100),  # 1 is the fraction (100 %), not 1 %
+        ("0.5", 0.5, 50),
+        (1.5, 0.015, 1),  # (1, 100]: a gateway sending percentages
+        (42, 0.42, 42),
+        (100, 1.0, 100),
+        (100.5, None, None),  # above 100: nonsense, ignored
+        (1e9, None, None),
+        (-0.1, None, None),  # negative: ignored
+        (float("nan"), None, None),
+        (None, None, None),
+    ],
+)
+def test_progress_is_a_fraction_and_percentages_are_divided(wire, fraction, percent):
+    pred = parse_progress("t", ok({"status": "running", "progress": wire}))
+    assert pred.progress == (pytest.approx(fraction) if fraction is not None else None)
+    assert pred.percent == percent
+
+
+def test_percent_never_leaves_0_to_100():
+    assert Prediction(id="t", status="running", progress=0.29).percent == 29  # 28.999999999999996 in floats
+    assert Prediction(id="t", status="running", progress=7).percent == 100
+    assert Prediction(id="t", status="running", progress=-1).percent == 0
+    assert Prediction(id="t", status="running").percent is None
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [(3, 3), (0, 0), (3.0, 3), ("3", 3), (-1, None), ("x", None), (True, None), (None, None)],
+)
+def test_queue_position_while_waiting(wire, expected):
+    pred = parse_progress("t", ok({"status": "waiting", "progress": 0, "lastQueueRemaining": wire}))
+    assert pred.queue_position == expected
+
+
+def test_queue_position_only_while_waiting():
+    pred = parse_progress("t", ok({"status": "running", "progress": 0.1, "lastQueueRemaining": 4}))
+    assert pred.queue_position is None
+
+
+def test_node_state_emulator_shape():
+    state = {"node": "KSampler", "nodeIndex": 3, "nodeCount": 5, "step": 12, "steps": 20}
+    pred = parse_progress("t", ok({"status": "running", "progress": 0.5, "state": state}))
+    assert (pred.node, pred.node_index, pred.node_count, pred.step, pred.steps) == ("KSampler", 3, 5, 12, 20)
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ({"node": "7", "value": 3, "max": 20}, {"node": "7", "step": 3, "steps": 20}),  # ComfyUI's shape
+        ('{"node": "VAEDecode", "step": 1}', {"node": "VAEDecode", "step": 1}),  # JSON text
+        ({"nodeName": "Save", "nodeIndex": "5"}, {"node": "Save", "node_index": 5}),
+        ({"node": 12}, {"node": "12"}),
+        ({"node": {"id": 1}, "step": -1, "steps": 1e30, "nodeCount": True}, {}),
+        ({"node": "  spaced \n label  "}, {"node": "spaced label"}),
+        ({"node": "x" * 200}, {"node": "x" * 80 + "..."}),
+        ({}, {}),
+        ([1, 2], {}),
+        ("running", {}),
+        ("{not json", {}),
+        (5, {}),
+        (None, {}),
+    ],
+)
+def test_node_state_odd_shapes_never_crash(state, expected):
+    assert proto.parse_node_state(state) == expected
+    pred = parse_progress("t", ok({"status": "running", "progress": 0.5, "state": state}))
+    assert {k: getattr(pred, k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("value", [float("nan"), "inf", "abc", True, None, [1]])
@@ -316,13 +393,76 @@ def test_apply_result_success():
             "taskId": "t",
             "result": {"images": {"url": "https://x/out.png"}},
             "images": ["https://x/out.png"],
-            "info": {"a": 1},
+            "taskDuration": 900,
+            "taskBeginTime": 1796000000100,
+            "taskEndTime": 1796000001000,
+            "info": {"a": 1, "workflowId": "wf-9"},
         }
     )
     apply_result(pred, envelope)
-    assert pred.output == {"images": {"url": "https://x/out.png"}}
-    assert pred.extra == {"images": ["https://x/out.png"], "info": {"a": 1}}
+    assert pred.output == {"images": {"url": "https://x/out.png"}}  # both kept
+    assert pred.images == ["https://x/out.png"]
+    assert pred.run_seconds == 0.9
+    assert pred.started_at == datetime(2026, 11, 30, 0, 53, 20, 100000, tzinfo=UTC)
+    assert pred.finished_at == datetime(2026, 11, 30, 0, 53, 21, tzinfo=UTC)
+    assert pred.workflow_id == "wf-9"
+    assert pred.extra == {"info": {"a": 1, "workflowId": "wf-9"}}
     assert pred.error is None and pred.succeeded
+    assert pred.output_or_images == pred.output
+
+
+@pytest.mark.parametrize("result", [{}, None, "absent", [], ""])
+def test_apply_result_images_only_workflow(result):
+    data = {"taskId": "t", "images": ["https://x/ComfyUI_00001_.png", "https://x/ComfyUI_00002_.png"]}
+    if result != "absent":
+        data["result"] = result
+    pred = apply_result(Prediction(id="t", status="succeeded"), ok(data))
+    assert pred.output is None
+    assert pred.images == data["images"]
+    assert pred.output_or_images == {"images": data["images"]}
+    assert (pred.run_seconds, pred.started_at, pred.finished_at) == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("images", "expected"),
+    [
+        ("https://x/a.png", ["https://x/a.png"]),
+        (
+            [{"url": "https://x/a.png"}, "", None, 3, " https://x/b.png "],
+            ["https://x/a.png", "https://x/b.png"],
+        ),
+        ({"url": "https://x/a.png"}, ["https://x/a.png"]),
+        (5, []),
+        (None, []),
+    ],
+)
+def test_apply_result_images_are_read_leniently(images, expected):
+    pred = apply_result(Prediction(id="t", status="succeeded"), ok({"result": {}, "images": images}))
+    assert pred.images == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "run_seconds", "started"),
+    [
+        ({"taskDuration": "1500"}, 1.5, None),
+        (
+            {"taskBeginTime": 1796000000, "taskEndTime": 1796000002},
+            2.0,
+            datetime(2026, 11, 30, 0, 53, 20, tzinfo=UTC),
+        ),
+        ({"taskDuration": -5, "taskBeginTime": 10**30}, None, None),
+        ({"taskDuration": float("nan"), "taskBeginTime": "soon"}, None, None),
+        (
+            {"taskBeginTime": 1796000002000, "taskEndTime": 1796000000000},
+            None,
+            datetime(2026, 11, 30, 0, 53, 22, tzinfo=UTC),
+        ),
+    ],
+)
+def test_apply_result_timing_edge_cases(fields, run_seconds, started):
+    pred = apply_result(Prediction(id="t", status="succeeded"), ok({"result": {}, **fields}))
+    assert pred.run_seconds == run_seconds
+    assert pred.started_at == started
 
 
 def test_apply_result_failure_turns_succeeded_into_failed():
@@ -346,9 +486,30 @@ def test_apply_result_non_success_status_without_codes():
 
 
 def test_prediction_round_trip():
-    pred = Prediction(id="t", status="running", progress=1.5, extra={"a": [1]})
+    pred = Prediction(
+        id="t",
+        status="succeeded",
+        progress=1.0,
+        extra={"a": [1]},
+        queue_position=None,
+        node="KSampler",
+        step=3,
+        steps=20,
+        images=["https://x/a.png"],
+        run_seconds=0.9,
+        started_at=datetime(2026, 11, 30, 0, 53, 20, 100000, tzinfo=UTC),
+        finished_at=datetime(2026, 11, 30, 0, 53, 21, tzinfo=UTC),
+    )
     data = json.loads(json.dumps(pred.to_dict()))
+    assert data["started_at"] == "2026-11-30T00:53:20.100000+00:00"
     assert Prediction.from_dict({**data, "unknown": 1}) == pred
+    # older dicts without the new keys, and naive or odd times
+    assert Prediction.from_dict({"id": "t", "status": "waiting"}).images == []
+    naive = Prediction.from_dict({"id": "t", "status": "succeeded", "started_at": "2026-11-29T09:33:20"})
+    assert naive.started_at == datetime(2026, 11, 29, 9, 33, 20, tzinfo=UTC)
+    assert (
+        Prediction.from_dict({"id": "t", "status": "succeeded", "finished_at": "later"}).finished_at is None
+    )
 
 
 def test_parse_upload_sign():
@@ -435,7 +596,7 @@ def test_iter_output_urls_document_order():
         "n": 3,
     }
     found = iter_output_urls(output)
-    assert found == [
+    assert [(place.path, place.url) for place in found] == [
         (("images", "url"), "https://h/out.png"),
         (("subject_image", "url"), "http://h/subject.png"),
         (("list", 1), "https://h/a.png"),
@@ -454,6 +615,21 @@ def test_iter_output_urls_scalars():
     [place] = iter_output_urls("https://x/y.png")
     assert place == OutputURL(path=(), url="https://x/y.png")
     assert place.where == "output"
+
+
+def test_iter_prediction_urls_adds_default_images_once():
+    output = {"images": {"url": "https://h/out.png"}, "gallery": ["https://h/g.png"]}
+    images = ["https://h/out.png", "https://h/extra.jpg", "not a url", "https://h/extra.jpg"]
+    found = proto.iter_prediction_urls(output, images)
+    assert [(p.root, p.where, p.stem, p.url) for p in found] == [
+        ("output", "output['images']['url']", "images", "https://h/out.png"),
+        ("output", "output['gallery'][0]", "gallery_0", "https://h/g.png"),
+        ("images", "images[1]", "image_1", "https://h/extra.jpg"),  # the same file as output: once
+    ]
+    assert [p.stem for p in proto.iter_prediction_urls(None, ["https://a/1", "https://a/2"])] == [
+        "image_0",
+        "image_1",
+    ]
 
 
 # ---------------------------------------------------------------- next_poll_delay

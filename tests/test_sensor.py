@@ -108,6 +108,21 @@ def test_sensor_returns_output_of_existing_prediction(run_dag, speedpix_conn, sp
 
 
 @pytest.mark.parametrize("deferrable", [False, True], ids=["poke", "deferrable"])
+def test_sensor_returns_default_images_of_a_workflow_without_custom_outputs(
+    run_dag, speedpix_conn, deferrable, capsys
+):
+    prediction_id = create("wf-images-only")
+    dr = run_dag(sensor_dag(prediction_id, deferrable, timeout=60))
+    assert dr.state == "success"
+    base = f"{speedpix_conn.url}/_emulator/files/outputs/{prediction_id}"
+    assert xcom(dr, "wait") == {"images": [f"{base}/ComfyUI_00001_.png", f"{base}/ComfyUI_00002_.png"]}
+    text = capsys.readouterr().out
+    assert f"Prediction {prediction_id} succeeded: ran 0.9 s (" in text and "2 default images" in text
+    if not deferrable:  # poked from the worker: the same progress line as operator and trigger
+        assert f"Prediction {prediction_id} queued" in text or f"Prediction {prediction_id} running" in text
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["poke", "deferrable"])
 def test_submit_then_sense_with_templated_id(run_dag, speedpix_conn, deferrable):
     dr = run_dag(
         HEADER

@@ -106,6 +106,11 @@ def test_success_event_once_with_output(speedpix_conn):
     assert event["prediction_id"] == prediction.id
     assert event["prediction_status"] == "succeeded"
     assert event["output"]["images"]["url"].startswith(speedpix_conn.url)
+    # everything the operator needs to finish without another call (values: tests/test_progress.py)
+    assert event["images"] == [event["output"]["images"]["url"]]
+    assert event["run_seconds"] == 0.9
+    assert event["started_at"] < event["finished_at"] and event["started_at"].endswith("+00:00")
+    assert event["workflow_id"] == "sleep-1" and event["invoke_id"]
     json.dumps(event)  # the event crosses processes as JSON
     assert raise_for_event(event) is event
     calls = speedpix_conn.stats()["calls"]
@@ -267,16 +272,16 @@ def running(progress: float, eta: float | None = 5, status: str = "running") -> 
 
 
 def test_progress_is_logged_only_when_it_changes(monkeypatch, capsys):
-    done = Prediction(id="p-1", status="succeeded", progress=100, output={"images": {"url": "u"}})
+    done = Prediction(id="p-1", status="succeeded", progress=1.0, output={"images": {"url": "u"}})
     steps = [
         running(0, status="waiting"),
         running(0, status="waiting"),
-        running(0.4, status="waiting"),  # same whole percent
-        running(10),
-        running(10.2),
-        running(10.7),
-        running(50),
-        running(50),
+        running(0.004, status="waiting"),  # same whole percent
+        running(0.1),
+        running(0.102),
+        running(0.107),
+        running(0.5),
+        running(0.5),
         done,
     ]
     script = Script(monkeypatch, steps)
@@ -288,9 +293,9 @@ def test_progress_is_logged_only_when_it_changes(monkeypatch, capsys):
     captured = capsys.readouterr()
     lines = [line for line in (captured.out + captured.err).splitlines() if "Prediction p-1 " in line]
     assert len(lines) == 3, lines
-    assert "waiting: progress 0%" in lines[0]
-    assert "running: progress 10%" in lines[1]
-    assert "running: progress 50%" in lines[2]
+    assert "Prediction p-1 queued, ETA 5 s" in lines[0]
+    assert "Prediction p-1 running 10%, ETA 5 s" in lines[1]
+    assert "Prediction p-1 running 50%, ETA 5 s" in lines[2]
 
 
 def test_error_backoff_doubles_caps_and_resets_after_a_good_poll(monkeypatch):

@@ -235,7 +235,8 @@ class SpeedPixHook(BaseHook):
         return prediction
 
     def get_prediction(self, prediction_id: str) -> Prediction:
-        """Status, progress and ETA; once finished also the output (or error code and message)."""
+        """Status, progress (fraction 0..1), ETA, queue position and node progress; once finished also the
+        output, the default images and the timing (or the error code and message)."""
         payload = {"taskId": check_prediction_id(prediction_id)}
         prediction = proto.parse_progress(prediction_id, self._call(proto.PROGRESS, payload))
         if prediction.finished:
@@ -303,6 +304,9 @@ class SpeedPixHook(BaseHook):
     def run(self, workflow_id: str, inputs: Mapping[str, Any], *, wait: bool = True, **options: Any) -> Any:
         """Like the SDK's ``client.run``: the output dict, or the :class:`Prediction` when ``wait=False``.
 
+        A workflow without custom output fields (empty ``result``) returns its default images as
+        ``{"images": [url, ...]}`` instead of nothing (:attr:`Prediction.output_or_images`).
+
         ``options`` are :meth:`create_prediction`'s keywords plus ``poll_interval`` and ``timeout``.
         """
         wait_options = {
@@ -313,7 +317,7 @@ class SpeedPixHook(BaseHook):
             return prediction
         return self.wait_for_prediction(
             prediction.id, estimated_duration=prediction.estimated_duration, **wait_options
-        ).output
+        ).output_or_images
 
     # ------------------------------------------------------------------ connection test
     def test_connection(self) -> tuple[bool, str]:

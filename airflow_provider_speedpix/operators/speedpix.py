@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
+from airflow_provider_speedpix import _metrics
 from airflow_provider_speedpix._inputs import check_strategy
 from airflow_provider_speedpix._outcome import (
     DEFER_GRACE,
@@ -18,13 +19,20 @@ from airflow_provider_speedpix._outcome import (
     ProgressKey,
     check_positive,
     defer_to_trigger,
+    describe_finished,
     log_progress,
+    prediction_from_event,
     raise_for_event,
     raise_for_prediction,
 )
-from airflow_provider_speedpix._protocol import Prediction, check_workflow_reference, iter_output_urls
+from airflow_provider_speedpix._protocol import (
+    Prediction,
+    check_workflow_reference,
+    iso,
+    iter_prediction_urls,
+)
 from airflow_provider_speedpix._storage import safe_filename
-from airflow_provider_speedpix.exceptions import SpeedPixNotFoundError
+from airflow_provider_speedpix.exceptions import SpeedPixNotFoundError, SpeedPixPredictionFailed
 from airflow_provider_speedpix.hooks.speedpix import DEFAULT_POLL_INTERVAL, SpeedPixHook
 
 if TYPE_CHECKING:
@@ -46,15 +54,36 @@ __all__ = [
 ]
 
 
-def output_files_plan(output: Any, output_dir: Any) -> list[tuple[str, str, Any]]:
-    """``(place, url, destination)`` for every output URL, named after its field: ``images.png``,
-    ``subject_image.png``; list items get an index (``images_0.png``)."""
+def output_files_plan(output: Any, output_dir: Any, images: Any = ()) -> list[tuple[str, str, Any]]:
+    """``(place, url, destination)`` for every output URL of a prediction, the one file-naming rule.
+
+    Custom result fields are named after their field: ``images.png``, ``subject_image.png``; list items
+    get an index (``gallery_0.jpg``). Default images (``images``, the output of a workflow without custom
+    output fields) are ``image_0.png``, ``image_1.png``... (the URL's suffix, else ``.png``); one whose URL
+    the result already holds is saved once, under the result's name. No two files get the same name: a
+    later clash (with a custom field, case-insensitively) gets ``-2``, ``-3``... before its suffix.
+    """
     plan = []
-    for place in iter_output_urls(output):
-        stem = "_".join(str(key) for key in place.path if key != "url") or "output"
+    taken: set[str] = set()
+    for place in iter_prediction_urls(output, images):
         suffix = PurePosixPath(urlsplit(place.url).path).suffix[:10]
-        plan.append((place.where, place.url, _join(output_dir, safe_filename(stem + suffix))))
+        if place.root == "images" and len(suffix) < 2:
+            suffix = ".png"
+        name = _unique(safe_filename(place.stem + suffix), taken)
+        plan.append((place.where, place.url, _join(output_dir, name)))
     return plan
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem:
+        stem, suffix = name, ""
+    candidate, number = name, 1
+    while candidate.lower() in taken:
+        number += 1
+        candidate = f"{stem}-{number}" + (f".{suffix}" if suffix else "")
+    taken.add(candidate.lower())
+    return candidate
 
 
 def _templated(value: Any) -> bool:
@@ -77,8 +106,10 @@ class SpeedPixRunOperator(BaseOperator):
     Local files in ``inputs`` are uploaded from the worker before it defers, and outputs are downloaded on
     the worker after it resumes: the triggerer never needs the worker's disk. The prediction id is kept in
     ``task_state_store`` (Airflow 3.3+), so a retry reconnects to a running or finished prediction instead
-    of paying for a second one. Returns ``{"prediction_id", "status", "output", "files"}``; the URLs in
-    ``output`` are temporary, ``files`` are the saved copies.
+    of paying for a second one. Returns ``{"prediction_id", "status", "output", "images", "files",
+    "run_seconds", "started_at", "finished_at"}`` (README, "Return value"): ``output`` is the custom
+    result (None when the workflow has no custom output fields), ``images`` the default output's URLs;
+    these URLs are temporary, ``files`` are the saved copies.
 
     :param workflow_id: the published workflow's id.
     :param inputs: the workflow's input fields; local paths, ``Path``, ``ObjectStoragePath`` and file
@@ -180,6 +211,7 @@ class SpeedPixRunOperator(BaseOperator):
             }
             if store is not None:
                 store.set(STATE_KEY, self._state)
+            _metrics.created(self.workflow_id)
         # Published at once (a new try starts with empty XCom, so a resumed prediction is published too).
         context["ti"].xcom_push(key="prediction_id", value=prediction.id)
         if not self.wait_for_completion:
@@ -194,26 +226,30 @@ class SpeedPixRunOperator(BaseOperator):
             "until it finishes. Use deferrable=True to wait on the triggerer instead.",
             prediction.id,
         )
-        finished = self.hook.wait_for_prediction(
-            prediction.id,
-            poll_interval=self.poll_interval,
-            timeout=self.timeout,
-            on_update=self._log_progress,
-            estimated_duration=prediction.estimated_duration,
-            max_consecutive_errors=self.max_consecutive_errors,
-        )
+        try:
+            finished = self.hook.wait_for_prediction(
+                prediction.id,
+                poll_interval=self.poll_interval,
+                timeout=self.timeout,
+                on_update=self._log_progress,
+                estimated_duration=prediction.estimated_duration,
+                max_consecutive_errors=self.max_consecutive_errors,
+            )
+        except SpeedPixPredictionFailed as err:
+            self._report(Prediction(id=err.prediction_id, status=err.status or "failed"))
+            raise
         return self._finish(context, finished)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
-        """Resume on the worker after the trigger fired: check the event, download, return."""
+        """Resume on the worker after the trigger fired: check the event, download, return. The event
+        carries outputs, default images and timing, so no API call is needed."""
+        store = context.get("task_state_store")
+        saved = store.get(STATE_KEY) if store is not None else None
+        self._state = saved if isinstance(saved, dict) else {}
+        if isinstance(event, dict) and event.get("status") == "failed" and event.get("prediction_id"):
+            self._report(prediction_from_event(event))
         event = raise_for_event(event, timeout=self.timeout)
-        prediction = Prediction(
-            id=event["prediction_id"],
-            status="succeeded",
-            output=event.get("output"),
-            invoke_id=event.get("invoke_id"),
-        )
-        return self._finish(context, prediction)
+        return self._finish(context, prediction_from_event(event))
 
     # ------------------------------------------------------------------ steps
     def _resume(self, store: Any) -> Prediction | None:
@@ -272,19 +308,46 @@ class SpeedPixRunOperator(BaseOperator):
         )
 
     def _finish(self, context: Context, prediction: Prediction) -> dict[str, Any]:
+        store = context.get("task_state_store")
+        self.log.info("Prediction %s %s", prediction.id, describe_finished(prediction))
+        if not self._state.get("reported"):  # a retry after a failed download does not count it again
+            self._report(prediction)
+            if store is not None and self._state.get("prediction_id"):
+                self._state["reported"] = True
+                store.set(STATE_KEY, self._state)
         files = []
         if self.output_dir:
-            for where, url, destination in output_files_plan(prediction.output, self.output_dir):
+            plan = output_files_plan(prediction.output, self.output_dir, prediction.images)
+            for where, url, destination in plan:
                 saved = self.hook.download(url, destination)
                 self.log.info("Saved %s to %s", where, saved)
                 files.append(str(saved))
-        self._forget(context.get("task_state_store"))
+        elif prediction.output is None and prediction.images:
+            self.log.info(
+                "The workflow returned its output as %d default image URL(s) in `images` (temporary URLs): "
+                "set output_dir to keep the files.",
+                len(prediction.images),
+            )
+        self._forget(store)
         return {
             "prediction_id": prediction.id,
             "status": prediction.status,
             "output": prediction.output,
+            "images": list(prediction.images),
             "files": files,
+            "run_seconds": prediction.run_seconds,
+            "started_at": iso(prediction.started_at),
+            "finished_at": iso(prediction.finished_at),
         }
+
+    def _report(self, prediction: Prediction) -> None:
+        """Metrics for a terminal state seen on this worker (``docs/metrics.md``)."""
+        created_at = self._state.get("created_at")
+        _metrics.finished(
+            prediction,
+            workflow_id=self.workflow_id,
+            submitted_at=created_at if isinstance(created_at, int | float) else None,
+        )
 
     def _forget(self, store: Any) -> None:
         """Done: a later clear/re-run of this task must generate anew, not reuse this prediction."""

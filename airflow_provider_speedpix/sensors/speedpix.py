@@ -14,7 +14,8 @@ from airflow.providers.common.compat.sdk import (
     conf,
 )
 
-from airflow_provider_speedpix import _outcome
+from airflow_provider_speedpix import _metrics, _outcome
+from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.exceptions import SpeedPixPredictionFailed, SpeedPixTimeoutError
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class SpeedPixPredictionSensor(BaseSensorOperator):
-    """Wait until a SpeedPix prediction finishes; return its output (the result dict with its URLs).
+    """Wait until a SpeedPix prediction finishes; return its output (the result dict with its URLs; for a
+    workflow without custom output fields, its default images as ``{"images": [url, ...]}``).
 
     Use it for a prediction submitted by ``SpeedPixRunOperator(wait_for_completion=False)`` or by another
     system. A failed prediction raises :class:`SpeedPixPredictionFailed` with the API's code and message
@@ -52,6 +54,7 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
         self.prediction_id = prediction_id
         self.speedpix_conn_id = speedpix_conn_id
         self.deferrable = deferrable
+        self._last_progress: _outcome.ProgressKey | None = None
 
     @cached_property
     def hook(self) -> SpeedPixHook:
@@ -75,20 +78,33 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
     def poke(self, context: Context) -> PokeReturnValue | bool:
         prediction = self.hook.get_prediction(self.prediction_id)
         if not prediction.finished:
-            _outcome.log_progress(self.log, prediction)
+            self._last_progress = _outcome.log_progress(self.log, prediction, self._last_progress)
             return False
+        self._finished(prediction)
         try:
             _outcome.raise_for_prediction(prediction)
         except SpeedPixPredictionFailed as err:
             if self.soft_fail:
                 raise AirflowSkipException(str(err)) from err
             raise
-        return PokeReturnValue(is_done=True, xcom_value=prediction.output)
+        return PokeReturnValue(is_done=True, xcom_value=prediction.output_or_images)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
         """Resume after the trigger fired; ``soft_fail`` is applied by the sensor base class."""
+        if (
+            isinstance(event, dict)
+            and event.get("status") in ("success", "failed")
+            and event.get("prediction_id")
+        ):
+            self._finished(_outcome.prediction_from_event(event))
         try:
-            return _outcome.raise_for_event(event, timeout=float(self.timeout)).get("output")
+            event = _outcome.raise_for_event(event, timeout=float(self.timeout))
+            return _outcome.prediction_from_event(event).output_or_images
         except SpeedPixTimeoutError as err:
             # as in poke mode: a timed-out sensor fails for good; a retry would restart the whole wait
             raise AirflowSensorTimeout(str(err)) from err
+
+    def _finished(self, prediction: Prediction) -> None:
+        """Log the terminal state and emit its metrics (the workflow id only where the service names it)."""
+        self.log.info("Prediction %s %s", prediction.id, _outcome.describe_finished(prediction))
+        _metrics.finished(prediction)

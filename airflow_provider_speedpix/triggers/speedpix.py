@@ -29,7 +29,12 @@ class SpeedPixPredictionTrigger(BaseTrigger):
     """Poll one prediction until it finishes, the deadline passes, or a non-retryable error occurs.
 
     Yields exactly one :class:`TriggerEvent` whose ``status`` is ``success``, ``failed``, ``timeout`` or
-    ``error``. Its kwargs hold ids and times only (never a secret); the credentials are looked up from
+    ``error``. A finished prediction's event (:func:`prediction_event`, plain JSON) carries everything the
+    task needs to finish without another API call: ``output``, ``images``, ``run_seconds``,
+    ``started_at`` / ``finished_at`` (ISO-8601), ``workflow_id``, ``invoke_id``, and for a failure
+    ``error_code`` and ``message``. Progress is logged on change only (``_outcome.log_progress``, the
+    operator's and sensor's helper too); no metrics are emitted here (the worker does that on resume).
+    Its kwargs hold ids and times only (never a secret); the credentials are looked up from
     ``speedpix_conn_id`` on the triggerer. All triggers of a triggerer share one HTTP connection pool.
     The waiting rules are ``SpeedPixHook.wait_for_prediction``'s (one :class:`_polling.PollLoop`).
 
