@@ -5,7 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(AIRFLOW_VERSION)
 
-.PHONY: venv demo test lint e2e bench clean
+# The lowest versions pyproject.toml declares (tests/test_packaging.py checks that they match), installed in
+# a second virtualenv by `make test-floor`. Only PyPI is reachable, so Airflow's constraints files are not:
+# everything else resolves to the newest release that Airflow 3.3.0's own metadata allows.
+FLOOR_PYTHON ?= python3.11
+FLOOR_VENV := .venv-floor
+FLOOR_BIN := $(FLOOR_VENV)/bin
+FLOOR_PINS := apache-airflow==3.3.0 apache-airflow-providers-common-compat==1.23.0 \
+	requests==2.32.2 httpx==0.28.0
+FLOOR_STAMP := $(FLOOR_VENV)/.installed-floor
+
+.PHONY: venv venv-floor demo test test-floor lint e2e bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +25,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+$(FLOOR_STAMP): pyproject.toml Makefile
+	rm -rf $(FLOOR_VENV)
+	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	echo '*' > $(FLOOR_VENV)/.gitignore
+	$(FLOOR_BIN)/python -m pip install -q --upgrade pip
+	$(FLOOR_BIN)/python -m pip install -q $(FLOOR_PINS) -e ".[test]"
+	touch $(FLOOR_STAMP)
+
+venv-floor: $(FLOOR_STAMP)
+
 ## Run the example DAG end to end against the bundled emulator and print the saved image's path.
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
@@ -23,13 +43,17 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+## The same tests on the lowest declared versions (Python 3.11, Airflow 3.3.0, ...), in .venv-floor.
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_BIN)/python -m pytest -q
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) .demo .pytest_cache .ruff_cache
 
 ## End-to-end suite: a real Airflow deployment (scheduler, triggerer, dag-processor, api-server) on loopback.
 e2e: $(STAMP)

@@ -244,7 +244,7 @@ def row(
 def record(rows: Iterable[dict], *, command: str | None = None) -> Path:
     """Append rows (with a timestamp and the command) to ``benchmarks/results/<date>.jsonl``."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     path = RESULTS_DIR / f"{now:%Y-%m-%d}.jsonl"
     command = command or " ".join([Path(sys.executable).name, *sys.argv])
     with path.open("a") as out:
@@ -301,7 +301,7 @@ def machine_info() -> dict:
     except OSError:
         load = (float("nan"),) * 3
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),

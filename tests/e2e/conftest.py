@@ -1,4 +1,4 @@
-"""e2e fixtures: one real Airflow deployment (scripts/e2e/deployment.py) shared by the module's tests.
+"""e2e fixtures: one real Airflow deployment (tests/e2e/deployment.py) shared by the module's tests.
 
 The e2e tests are skipped unless selected with ``-m e2e`` (``make e2e``) or ``SPEEDPIX_E2E=1``, so the
 default ``make test`` never starts a deployment. Set ``SPEEDPIX_E2E_KEEP=1`` to keep the deployment's
@@ -7,26 +7,14 @@ temporary AIRFLOW_HOME (component logs, task logs, metadata DB) for inspection.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.deployment import BLOCKING_CATALOG_DAG_ID, Deployment
+
 RESULTS = pytest.StashKey[dict]()
-
-
-def _load_deployment_module():
-    name = "speedpix_e2e_deployment"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "e2e" / "deployment.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def e2e_selected(config: pytest.Config) -> bool:
@@ -52,13 +40,12 @@ def e2e_results(request: pytest.FixtureRequest) -> dict:
 
 @pytest.fixture(scope="module")
 def deployment():
-    module = _load_deployment_module()
     keep = os.environ.get("SPEEDPIX_E2E_KEEP") == "1"
-    dep = module.Deployment(parallelism=4, emulator_duration=20.0, keep_home=keep)
+    dep = Deployment(parallelism=4, emulator_duration=20.0, keep_home=keep)
     try:
         dep.start(timeout=300)
         dep.wait_for_dags(
-            ["speedpix_catalog_regeneration", "speedpix_e2e_blocking_retry", "speedpix_e2e_catalog_blocking"],
+            ["speedpix_catalog_regeneration", "speedpix_e2e_blocking_retry", BLOCKING_CATALOG_DAG_ID],
             timeout=180,
         )
         yield dep

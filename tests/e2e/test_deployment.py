@@ -1,7 +1,9 @@
 """End to end on a real Airflow 3 deployment (scheduler, triggerer, dag-processor, api-server; LocalExecutor
 with 4 slots; SQLite) against the SpeedPix emulator. Run with ``make e2e``.
 
-The tests share one deployment and run in file order: (a) 100 mapped deferrable predictions,
+First, without a deployment, (0) checks that the B2 DAG ``deployment.py`` derives from the catalog example
+differs from it only where B2 needs. The other tests share one deployment and run in file order: (a) 100
+mapped deferrable predictions,
 (b) triggerer SIGKILL + restart with predictions in flight, (c) a worker task process SIGKILLed while
 waiting in non-deferrable mode, (d) the 100-item DAG non-deferrable, for the B2 deferral comparison
 (written to ``benchmarks/results/b2_deferral.json``).
@@ -21,13 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.deployment import BLOCKING_CATALOG_DAG_ID, CATALOG_EXAMPLE, blocking_catalog_source
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT_PNG = ROOT / "dags_examples" / "data" / "product.png"
 B2_JSON = ROOT / "benchmarks" / "results" / "b2_deferral.json"
 CATALOG = "speedpix_catalog_regeneration"
-CATALOG_BLOCKING = "speedpix_e2e_catalog_blocking"
+CATALOG_BLOCKING = BLOCKING_CATALOG_DAG_ID
 BLOCKING_RETRY = "speedpix_e2e_blocking_retry"
 SLOTS = 4
 N = 100
@@ -146,15 +150,6 @@ def start_catalog(deployment, tmp_path: Path, dag_id: str, rows: int) -> str:
     return deployment.trigger(dag_id, {"products_csv": str(csv_path)}, run_id=run_id)
 
 
-def run_catalog(deployment, tmp_path: Path, dag_id: str, rows: int, timeout: float) -> dict:
-    run_id = start_catalog(deployment, tmp_path, dag_id, rows)
-    sampler = Sampler(deployment, dag_id, run_id)
-    started = time.monotonic()
-    state = deployment.wait_for_run(dag_id, run_id, timeout=timeout, on_sample=sampler)
-    observed = time.monotonic() - started
-    return {"run_id": run_id, "state": state, "sampler": sampler, "observed_seconds": round(observed, 1)}
-
-
 def assert_all_succeeded(deployment, dag_id: str, run_id: str, state: str, rows: int) -> None:
     mapped = deployment.task_states(dag_id, run_id, "regenerate")
     if state != "success" or mapped != {"success": rows}:
@@ -164,29 +159,72 @@ def assert_all_succeeded(deployment, dag_id: str, run_id: str, state: str, rows:
         )
 
 
-# --------------------------------------------------------------------------------------------- (a)
-def test_catalog_100_deferrable_predictions(deployment, tmp_path, e2e_results):
-    fresh_emulator(deployment, CATALOG_DURATION)
-    result = run_catalog(deployment, tmp_path, CATALOG, N, timeout=600)
-    run_id, sampler = result["run_id"], result["sampler"]
-    assert_all_succeeded(deployment, CATALOG, run_id, result["state"], N)
-
+def measure_catalog(
+    deployment, tmp_path: Path, dag_id: str, duration: float, timeout: float
+) -> tuple[str, Sampler, dict]:
+    """Run ``dag_id`` over N products on a fresh emulator, sampling it; every mapped task must succeed.
+    Returns the run id, the sampler and the run's numbers."""
+    fresh_emulator(deployment, duration)
+    run_id = start_catalog(deployment, tmp_path, dag_id, N)
+    sampler = Sampler(deployment, dag_id, run_id)
+    started = time.monotonic()
+    state = deployment.wait_for_run(dag_id, run_id, timeout=timeout, on_sample=sampler)
+    observed = time.monotonic() - started
+    assert_all_succeeded(deployment, dag_id, run_id, state, N)
     calls = deployment.emulator_stats()["calls"]
-    run_folder = run_id.replace(":", "_").replace("+", "_")
-    saved = {path.parent.name for path in (deployment.catalog_dir / run_folder).glob("*/*.png")}
     numbers = {
         "predictions": N,
-        "prediction_seconds": CATALOG_DURATION,
-        **run_times(deployment, CATALOG, run_id),
-        "observed_seconds": result["observed_seconds"],
+        "prediction_seconds": duration,
+        **run_times(deployment, dag_id, run_id),
+        "observed_seconds": round(observed, 1),
         **sampler.summary(),
         "comfy_prompt": calls.get("comfy_prompt"),
         "comfy_get_progress": calls.get("comfy_get_progress"),
-        "products_with_saved_png": len(saved),
     }
+    return run_id, sampler, numbers
+
+
+# --------------------------------------------------------------------------------------------- (0)
+def test_blocking_catalog_is_the_example_waiting_in_the_worker(monkeypatch, tmp_path):
+    """The B2 DAG is derived from the catalog example: same tasks and arguments but the named changes."""
+    import importlib.util
+
+    monkeypatch.setenv("SPEEDPIX_CATALOG_URI", (tmp_path / "catalog").as_uri())
+
+    def load(name: str, source: str):
+        path = tmp_path / f"{name}.py"
+        path.write_text(source, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.dag
+
+    source = CATALOG_EXAMPLE.read_text(encoding="utf-8")
+    example = load("e2e_catalog_example", source)
+    blocking = load("e2e_catalog_blocking", blocking_catalog_source(source))
+    assert (example.dag_id, blocking.dag_id) == (CATALOG, CATALOG_BLOCKING)
+    assert (example.schedule, blocking.schedule) == ("@daily", None)
+    assert example.task_dict.keys() == blocking.task_dict.keys() == {"load_products", "regenerate", "publish"}
+    changed = {"deferrable": (True, False), "poll_interval": (2.0, 1.0)}
+    ex, bl = example.get_task("regenerate").partial_kwargs, blocking.get_task("regenerate").partial_kwargs
+    assert {k: (ex.get(k), bl.get(k)) for k in changed} == changed
+    assert {k: v for k, v in ex.items() if k not in changed} == {
+        k: v for k, v in bl.items() if k not in changed
+    }
+    assert example.get_task("publish").outlets and not blocking.get_task("publish").outlets
+    with pytest.raises(Exception, match="no longer has the shape"):
+        blocking_catalog_source(source.replace("@task(outlets=[catalog_asset])", "@task"))
+
+
+# --------------------------------------------------------------------------------------------- (a)
+def test_catalog_100_deferrable_predictions(deployment, tmp_path, e2e_results):
+    run_id, sampler, numbers = measure_catalog(deployment, tmp_path, CATALOG, CATALOG_DURATION, timeout=600)
+    run_folder = run_id.replace(":", "_").replace("+", "_")
+    saved = {path.parent.name for path in (deployment.catalog_dir / run_folder).glob("*/*.png")}
+    numbers["products_with_saved_png"] = len(saved)
     e2e_results["a_deferrable_100"] = numbers
 
-    assert calls.get("comfy_prompt") == N, f"expected exactly {N} comfy_prompt, emulator saw {calls}"
+    assert numbers["comfy_prompt"] == N, f"expected exactly {N} comfy_prompt, emulator saw {numbers}"
     assert len(saved) == N, (
         f"expected a PNG for {N} products under {deployment.catalog_dir}, found {len(saved)}"
     )
@@ -198,6 +236,16 @@ def test_catalog_100_deferrable_predictions(deployment, tmp_path, e2e_results):
 
 
 # --------------------------------------------------------------------------------------------- (b)
+def trigger_logs(deployment, run_id: str, rows: int) -> list[tuple[int, int, Path]]:
+    """``(map_index, triggerer job id, path)`` of each trigger log of the catalog run's first try."""
+    run_logs = deployment.home / "logs" / f"dag_id={CATALOG}" / f"run_id={run_id}" / "task_id=regenerate"
+    return [
+        (map_index, int(log.name.rsplit(".", 2)[-2]), log)
+        for map_index in range(rows)
+        for log in (run_logs / f"map_index={map_index}").glob("attempt=1.log.trigger.*.log")
+    ]
+
+
 def test_triggerer_sigkill_and_restart(deployment, tmp_path, e2e_results):
     rows = 10
     fresh_emulator(deployment, DEFERRABLE_DURATION)
@@ -208,13 +256,22 @@ def test_triggerer_sigkill_and_restart(deployment, tmp_path, e2e_results):
         timeout=180,
         what=f"all {rows} predictions deferred",
     )
-    in_flight = deployment.emulator_stats()
     killed_jobs = {
         row[0]
         for row in deployment.query(
             "SELECT id FROM job WHERE job_type = 'TriggererJob' AND state = 'running'"
         )
     }
+    # "deferred" is set before a triggerer picks the trigger up: on a busy machine a kill right then can
+    # find none running yet. Kill once the triggerer runs at least one of them (it has written its log).
+    wait_until(
+        deployment,
+        lambda: any(job in killed_jobs for _, job, _ in trigger_logs(deployment, run_id, rows)),
+        timeout=60,
+        what=f"the triggerer {killed_jobs} to run one of the run's triggers",
+        components=["triggerer"],
+    )
+    in_flight = deployment.emulator_stats()
     killed_at = time.monotonic()
     deployment.kill_triggerer(signal.SIGKILL)
     states_after_kill = deployment.task_states(CATALOG, run_id, "regenerate")
@@ -228,15 +285,12 @@ def test_triggerer_sigkill_and_restart(deployment, tmp_path, e2e_results):
     # A trigger writes one log per triggerer job that runs it (``attempt=1.log.trigger.<job id>.log``).
     # Every event must come from a triggerer started after the kill; the killed one had some of them running
     # (a trigger deferred just before the kill may not have been picked up by it yet).
-    run_logs = deployment.home / "logs" / f"dag_id={CATALOG}" / f"run_id={run_id}" / "task_id=regenerate"
     fired_by_new = ran_on_killed = 0
-    for map_index in range(rows):
-        for log in (run_logs / f"map_index={map_index}").glob("attempt=1.log.trigger.*.log"):
-            job_id = int(log.name.rsplit(".", 2)[-2])
-            if job_id in killed_jobs:
-                ran_on_killed += 1
-            elif "Trigger fired event" in log.read_text(errors="replace"):
-                fired_by_new += 1
+    for _, job_id, log in trigger_logs(deployment, run_id, rows):
+        if job_id in killed_jobs:
+            ran_on_killed += 1
+        elif "Trigger fired event" in log.read_text(errors="replace"):
+            fired_by_new += 1
     e2e_results["b_triggerer_sigkill"] = {
         "tasks": rows,
         "prediction_seconds": DEFERRABLE_DURATION,
@@ -299,22 +353,11 @@ def test_worker_sigkill_non_deferrable_retry_reconnects(deployment, e2e_results)
 
 # --------------------------------------------------------------------------------------------- (d)
 def test_catalog_100_non_deferrable_comparison(deployment, tmp_path, e2e_results):
-    fresh_emulator(deployment, BLOCKING_DURATION)
-    result = run_catalog(deployment, tmp_path, CATALOG_BLOCKING, N, timeout=900)
-    run_id, sampler = result["run_id"], result["sampler"]
-    assert_all_succeeded(deployment, CATALOG_BLOCKING, run_id, result["state"], N)
-    calls = deployment.emulator_stats()["calls"]
-    blocking = {
-        "predictions": N,
-        "prediction_seconds": BLOCKING_DURATION,
-        **run_times(deployment, CATALOG_BLOCKING, run_id),
-        "observed_seconds": result["observed_seconds"],
-        **sampler.summary(),
-        "comfy_prompt": calls.get("comfy_prompt"),
-        "comfy_get_progress": calls.get("comfy_get_progress"),
-    }
+    _, sampler, blocking = measure_catalog(
+        deployment, tmp_path, CATALOG_BLOCKING, BLOCKING_DURATION, timeout=900
+    )
     e2e_results["d_blocking_100"] = blocking
-    assert calls.get("comfy_prompt") == N, calls
+    assert blocking["comfy_prompt"] == N, blocking
     assert sampler.peak_running_all <= SLOTS and sampler.peak_busy_workers <= SLOTS, blocking
     assert sampler.peak_deferred == 0, blocking
 
@@ -344,7 +387,7 @@ def write_b2(deferrable: dict | None, blocking: dict) -> None:
     }
     report = {
         "benchmark": "B2 deferral: e2e 100-prediction catalog DAG, deferrable vs blocking",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "airflow": _airflow_version(),
