@@ -40,6 +40,33 @@ def request_fingerprint(
     **options: Any,
 ) -> str:
     """``"v1:<sha256 hex>"`` of everything that decides what a prediction produces."""
+    return request_record(
+        workflow_id,
+        inputs,
+        alias_id=alias_id,
+        version_id=version_id,
+        resource_config_id=resource_config_id,
+        **options,
+    )["fingerprint"]
+
+
+def request_record(
+    workflow_id: str,
+    inputs: Mapping[str, Any] | None,
+    *,
+    alias_id: str | None = None,
+    version_id: str | None = None,
+    resource_config_id: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """What to keep beside a prediction id: ``{"fingerprint": request_fingerprint(...), "request": parts}``.
+
+    ``parts`` are readable, so a log line can say *what* changed (:func:`request_changes`): the workflow
+    reference, the resource configuration and the options as given (scalars; anything else as a digest),
+    and the inputs only as a digest, since they may hold prompts, paths or URLs that do not belong in a
+    store. Inputs are read once (a nameless stream is hashed once for both).
+    """
+    identity = _identity(dict(inputs or {}))
     ask = {
         "v": VERSION,
         "workflow_id": workflow_id,
@@ -47,9 +74,50 @@ def request_fingerprint(
         "version_id": version_id,
         "resource_config_id": resource_config_id,
         "options": {k: _identity(v) for k, v in sorted(options.items())},
-        "inputs": _identity(dict(inputs or {})),
+        "inputs": identity,
     }
-    text = json.dumps(ask, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
+    parts: dict[str, Any] = {
+        "workflow_id": workflow_id,
+        "alias_id": alias_id,
+        "version_id": version_id,
+        "resource_config_id": resource_config_id,
+    }
+    parts.update(sorted(options.items()))
+    parts = {
+        k: v if v is None or isinstance(v, (bool, int, float, str)) else _digest(_identity(v))
+        for k, v in parts.items()
+    }
+    parts["inputs"] = _digest(identity)
+    return {"fingerprint": _digest(ask), "request": parts}
+
+
+def request_changes(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> list[str]:
+    """``["workflow_id wf-a -> wf-b", "inputs changed"]``: how two :func:`request_record` parts differ
+    (``before`` may be ``None``: an entry that kept no parts)."""
+    if not isinstance(before, Mapping):
+        return []
+    changes = []
+    for key in after:
+        old, new = before.get(key), after[key]
+        if old == new:
+            continue
+        if key == "inputs" or not _readable(old) or not _readable(new):
+            changes.append(f"{key} changed")
+        else:
+            changes.append(
+                f"{key} {old!s} -> {new!s}"
+                if old is not None and new is not None
+                else f"{key} {old!r} -> {new!r}"
+            )
+    return changes
+
+
+def _readable(value: Any) -> bool:
+    return value is None or (isinstance(value, (bool, int, float, str)) and len(str(value)) <= 80)
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
     return f"v{VERSION}:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -51,9 +51,17 @@ def raise_for_prediction(prediction: Prediction) -> Prediction:
     return prediction
 
 
+#: What a terminal event for a finished prediction (:func:`prediction_event`) always carries: every release
+#: of the trigger has sent these keys (``images`` and the timing came later and may be missing from an
+#: event of 0.1.0). A ``success`` event without them is refused (:func:`check_event`): finishing on it
+#: would return no outputs for a prediction that had some.
+FINISHED_EVENT_FIELDS = ("prediction_id", "prediction_status", "output")
+
+
 def prediction_event(prediction: Prediction) -> dict[str, Any]:
     """The terminal event for a finished prediction (plain JSON): everything the operator needs to finish
-    without another API call (outputs, default images, timing)."""
+    without another API call (outputs, default images, timing). Its keys include
+    :data:`FINISHED_EVENT_FIELDS`, which :func:`check_event` requires of a ``success`` event."""
     return {
         "status": "success" if prediction.succeeded else "failed",
         "prediction_id": prediction.id,
@@ -90,17 +98,51 @@ def prediction_from_event(event: dict[str, Any]) -> Prediction:
     )
 
 
-def raise_for_event(event: Any, *, timeout: float | None = None) -> dict[str, Any]:
-    """Return a ``success`` event; raise the matching ``SpeedPixError`` for any other (or a malformed) one.
+def check_event(event: Any, *, prediction_id: str | None = None) -> dict[str, Any]:
+    """Return ``event`` if it is one the trigger sends, else raise :class:`SpeedPixError`.
 
-    One policy for the operator and the sensor.
+    Any event needs a known ``status`` and a ``prediction_id``; a ``success`` event also every key of
+    :data:`FINISHED_EVENT_FIELDS` and ``prediction_status == "succeeded"``. With ``prediction_id`` (the
+    prediction this try deferred on), an event about another prediction is refused: its outputs are not
+    this task's.
     """
     if (
         not isinstance(event, dict)
         or event.get("status") not in EVENT_STATUSES
-        or not event.get("prediction_id")
+        or not isinstance(event.get("prediction_id"), str)
+        or not event["prediction_id"]
     ):
         raise SpeedPixError(f"Unexpected event from SpeedPixPredictionTrigger: {event!r:.300}")
+    if prediction_id is not None and event["prediction_id"] != prediction_id:
+        raise SpeedPixError(
+            f"The trigger's event is about prediction {event['prediction_id']}, but this task deferred on "
+            f"prediction {prediction_id}; refusing to take another prediction's result as this task's. "
+            "A retry reconnects to the stored prediction."
+        )
+    if event["status"] == "success":
+        missing = [key for key in FINISHED_EVENT_FIELDS if key not in event]
+        if missing or event.get("prediction_status") != "succeeded":
+            problem = (
+                f"lacks {', '.join(missing)}"
+                if missing
+                else f"says prediction_status={event.get('prediction_status')!r}"
+            )
+            raise SpeedPixError(
+                f"The trigger's success event for prediction {event['prediction_id']} {problem}; refusing "
+                f"to finish without the prediction's outputs: {event!r:.300}"
+            )
+    return event
+
+
+def raise_for_event(
+    event: Any, *, timeout: float | None = None, prediction_id: str | None = None
+) -> dict[str, Any]:
+    """Return a ``success`` event; raise the matching ``SpeedPixError`` for any other (or a malformed,
+    :func:`check_event`) one. ``prediction_id``: the prediction the task deferred on, if known.
+
+    One policy for the operator and the sensor.
+    """
+    event = check_event(event, prediction_id=prediction_id)
     status, prediction_id = event["status"], event["prediction_id"]
     if status == "success":
         return event

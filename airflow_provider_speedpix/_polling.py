@@ -6,14 +6,71 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from airflow_provider_speedpix._protocol import PROGRESS, Prediction
-from airflow_provider_speedpix._retry import RetryPolicy, should_retry
+from airflow_provider_speedpix import _protocol as proto
+from airflow_provider_speedpix._protocol import PROGRESS, RESULT, Prediction
+from airflow_provider_speedpix._retry import RetryPolicy, should_retry, transient_code
+from airflow_provider_speedpix.exceptions import (
+    SpeedPixAPIError,
+    SpeedPixNotFoundError,
+    SpeedPixResponseError,
+    SpeedPixServerError,
+)
 
 #: Fraction of the remaining time to sleep while the end is far away. Halving the remaining time each
 #: poll needs about log2(remaining / poll_interval) calls instead of remaining / poll_interval.
 FAR_FRACTION = 0.5
 #: How far past the expected finish (in poll intervals) the last approach poll aims.
 ARRIVAL_MARGIN = 0.05
+#: The least time one poll (its requests, retries and backoff) gets, even at or past the deadline: one
+#: last answer is still worth asking for, and a ``timeout`` then comes at most this long after the
+#: deadline, well inside the deferral's grace (``_outcome.DEFER_GRACE``).
+LAST_POLL_SECONDS = 5.0
+#: A prediction created this recently (seconds) may not be visible to the status call yet: "not found"
+#: then is sat out like a transient failure instead of ending the wait.
+NOT_FOUND_GRACE = 30.0
+#: Words in a result call's error code that say "not finished yet", not "failed".
+NOT_READY_WORDS = ("notfinished", "notready", "notcomplete", "inprogress", "running", "pending", "waiting")
+
+
+def settle(prediction: Prediction, result: proto.Envelope) -> Prediction:
+    """Fold the result call's answer into a prediction whose progress answer said it finished, trusting
+    only a definite answer: a result that is not ready yet (``TaskNotFinished``, or ``data.status``
+    ``waiting``/``running``) leaves it ``running`` (poll again); a busy-service code or a "not found"
+    right after "finished" raises a transient error (a failed poll, sat out); only a success, or a
+    failure the result call itself reports, ends it. A wrong "failed" would make a retry pay for a new
+    prediction."""
+    data = result.data if isinstance(result.data, dict) else {}
+    said = str(data.get("status") or "").lower()
+    code = result.code.lower().replace("_", "")
+    failed = result.failed or result.status != proto.SUCCESS_ENVELOPE_STATUS
+    if said in ("waiting", "running") or (failed and any(word in code for word in NOT_READY_WORDS)):
+        prediction.status = "running"
+        prediction.message = f"finishing (the result is not ready yet: {result.code or said})"
+        return prediction
+    if failed and said not in proto.TERMINAL_STATUSES:
+        where = f"{RESULT} answered {result.code or '-'}: {result.reason or 'no message'}"
+        where += f" (invoke id {result.invoke_id}, request id {result.request_id})"
+        error_cls: type[SpeedPixAPIError] | None = None
+        probe = SpeedPixAPIError(
+            "", operation=RESULT, error_code=result.err_code, sub_error_code=result.sub_err_code
+        )
+        if transient_code(probe):
+            error_cls, where = SpeedPixServerError, f"{where}; the service is busy, asking again."
+        elif "notfound" in code:
+            error_cls, where = SpeedPixResponseError, f"{where}, though progress said {prediction.status}."
+        if error_cls is not None:
+            raise error_cls(
+                f"SpeedPix {where}",
+                operation=RESULT,
+                error_code=result.err_code or None,
+                sub_error_code=result.sub_err_code or None,
+                error_message=result.reason or None,
+                request_id=result.request_id,
+                invoke_id=result.invoke_id,
+            )
+    if not failed and said == "succeeded":
+        prediction.status = "succeeded"  # the result call's own word, with the outputs, wins
+    return proto.apply_result(prediction, result)
 
 
 def next_poll_delay(
@@ -73,6 +130,7 @@ class PollLoop:
         created_at: float | None = None,
         estimated_duration: float | None = None,
         max_consecutive_errors: int = 10,
+        not_found_grace: float | None = None,
     ) -> None:
         self.poll_interval = poll_interval
         self.max_interval = max(max_interval, poll_interval)
@@ -80,6 +138,10 @@ class PollLoop:
         self.created_at = created_at
         self.estimated_duration = estimated_duration
         self.max_consecutive_errors = max_consecutive_errors
+        # default: sit out "not found" for NOT_FOUND_GRACE when created_at is the creation time
+        if not_found_grace is None:
+            not_found_grace = NOT_FOUND_GRACE if created_at is not None else 0.0
+        self.not_found_grace = not_found_grace
         self.errors = 0
         self.last_status: str | None = None
         self._backoff = RetryPolicy(
@@ -88,6 +150,18 @@ class PollLoop:
 
     def _remaining(self, now: float) -> float | None:
         return None if self.deadline is None else self.deadline - now
+
+    def poll_budget(self, now: float) -> float | None:
+        """Seconds the next poll (requests, retries, backoff) may take: the time left before the deadline,
+        but at least ``LAST_POLL_SECONDS``; ``None`` without a deadline."""
+        remaining = self._remaining(now)
+        return None if remaining is None else max(remaining, LAST_POLL_SECONDS)
+
+    def _transient(self, error: BaseException, now: float) -> bool:
+        if isinstance(error, SpeedPixNotFoundError) and self.created_at is not None:
+            # just created: the status call may not know it yet
+            return now - self.created_at < self.not_found_grace
+        return should_retry(PROGRESS, error)
 
     def answered(self, prediction: Prediction, now: float) -> Step:
         """A poll answered with ``prediction``."""
@@ -110,7 +184,7 @@ class PollLoop:
 
     def failed(self, error: BaseException, now: float) -> Step:
         """A poll raised ``error`` (after the hook's own retries)."""
-        if not should_retry(PROGRESS, error):
+        if not self._transient(error, now):
             return Step("error", error=error)
         self.errors += 1
         if self.errors >= self.max_consecutive_errors:

@@ -7,12 +7,13 @@ with :class:`_retry.RetryPolicy`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import urllib.parse
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ import requests
 import urllib3
 
 from airflow_provider_speedpix import _protocol as proto
+from airflow_provider_speedpix._retry import request_timeout
 from airflow_provider_speedpix._settings import REQUEST_TIMEOUT, SpeedPixSettings
 from airflow_provider_speedpix._signing import sign_request
 from airflow_provider_speedpix.exceptions import SpeedPixResponseError, SpeedPixTransportError
@@ -28,10 +30,12 @@ MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 CHUNK = 1024 * 1024
 MAX_IN_FLIGHT = 16
 
-# One httpx.AsyncClient per event loop: every trigger in a triggerer shares its connection pool.
+# One httpx.AsyncClient per event loop: every trigger in a triggerer shares its connection pool. It is
+# closed when the last holder on its loop lets go (see hold_async_client).
 _ASYNC_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
     weakref.WeakKeyDictionary()
 )
+_ASYNC_HOLDERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
 _ASYNC_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
 )
@@ -53,6 +57,33 @@ def shared_async_client() -> httpx.AsyncClient:
         )
         _ASYNC_CLIENTS[loop] = client
     return client
+
+
+def hold_async_client() -> Callable[[], Awaitable[None]]:
+    """Count one more user of the running loop's shared client; return the coroutine function that lets
+    go (safe to call more than once). The last one to let go closes the client and its sockets, so a
+    loop that ends (each ``asyncio.run``, as in ``dag.test()``) leaks nothing; the next user on the loop
+    gets a new client. Each trigger holds it for its whole run, each API call for its own duration."""
+    loop = asyncio.get_running_loop()
+    _ASYNC_HOLDERS[loop] = _ASYNC_HOLDERS.get(loop, 0) + 1
+    released = False
+
+    async def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        left = _ASYNC_HOLDERS.get(loop, 1) - 1
+        if left > 0:
+            _ASYNC_HOLDERS[loop] = left
+            return
+        _ASYNC_HOLDERS.pop(loop, None)
+        client = _ASYNC_CLIENTS.pop(loop, None)  # the next user creates a new one, even mid-close
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    return release
 
 
 def _in_flight_slots() -> asyncio.Semaphore:
@@ -257,7 +288,7 @@ def call(
                 url,
                 data=body,
                 headers=signed_headers(settings, operation, body, headers),
-                timeout=settings.timeout,
+                timeout=request_timeout(settings.timeout),
                 stream=True,
             ) as response:
                 content = read_limited(response.iter_content(CHUNK), operation)
@@ -281,6 +312,7 @@ async def acall(
     """:func:`call` on the event loop, through the loop's shared client and in-flight limit."""
     body = proto.encode_body(payload)
     url = settings.endpoint + proto.PATHS[operation]
+    release = hold_async_client()
     client = shared_async_client()
 
     async def attempt() -> proto.Envelope:
@@ -289,7 +321,7 @@ async def acall(
             url,
             content=body,
             headers=signed_headers(settings, operation, body),
-            timeout=settings.timeout,
+            timeout=request_timeout(settings.timeout),
         )
         try:
             async with _in_flight_slots():
@@ -304,4 +336,7 @@ async def acall(
             operation, response.status_code, response.headers, content, allow_failure=allow_failure
         )
 
-    return await settings.retry_policy.arun(operation, attempt, log)
+    try:
+        return await settings.retry_policy.arun(operation, attempt, log)
+    finally:
+        await release()

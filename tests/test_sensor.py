@@ -8,13 +8,15 @@ from datetime import timedelta
 import pytest
 from airflow.providers.common.compat.sdk import AirflowSensorTimeout, AirflowSkipException
 
+from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.exceptions import (
+    SpeedPixAuthError,
     SpeedPixError,
     SpeedPixPredictionFailed,
     SpeedPixTimeoutError,
 )
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
-from airflow_provider_speedpix.sensors.speedpix import SpeedPixPredictionSensor
+from airflow_provider_speedpix.sensors.speedpix import SpeedPixPredictionSensor, SpeedPixSensorError
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
 from tests.test_operator import ti_of, xcom
 
@@ -83,6 +85,11 @@ def sensor_dag(prediction_id: str, deferrable: bool, **options) -> str:
     )
 
 
+def without_query(url: str) -> str:
+    """An output URL without its (signed, temporary) query string."""
+    return url.split("?", 1)[0]
+
+
 def create(workflow_id: str) -> str:
     return SpeedPixHook().create_prediction(workflow_id, {"text": "x"}).id
 
@@ -95,9 +102,10 @@ def test_sensor_returns_output_of_existing_prediction(run_dag, speedpix_conn, sp
     assert dr.state == "success"
     assert ti_of(dr, "wait").state == "success"
     output = xcom(dr, "wait")
-    assert output == {
-        "images": {"url": f"{speedpix_conn.url}/_emulator/files/outputs/{prediction_id}/output.png"}
-    }
+    assert list(output) == ["images"]
+    assert without_query(output["images"]["url"]) == (
+        f"{speedpix_conn.url}/_emulator/files/outputs/{prediction_id}/output.png"
+    )
     assert speedpix_conn.calls("comfy_prompt") == 1
     if deferrable:  # it really waited on the trigger and resumed with its success event
         [event] = spy["resumed"]
@@ -115,7 +123,11 @@ def test_sensor_returns_default_images_of_a_workflow_without_custom_outputs(
     dr = run_dag(sensor_dag(prediction_id, deferrable, timeout=60))
     assert dr.state == "success"
     base = f"{speedpix_conn.url}/_emulator/files/outputs/{prediction_id}"
-    assert xcom(dr, "wait") == {"images": [f"{base}/ComfyUI_00001_.png", f"{base}/ComfyUI_00002_.png"]}
+    images = xcom(dr, "wait")["images"]
+    assert [without_query(url) for url in images] == [
+        f"{base}/ComfyUI_00001_.png",
+        f"{base}/ComfyUI_00002_.png",
+    ]
     text = capsys.readouterr().out
     assert f"Prediction {prediction_id} succeeded: ran 0.9 s (" in text and "2 default images" in text
     if not deferrable:  # poked from the worker: the same progress line as operator and trigger
@@ -137,7 +149,7 @@ submit >> wait
     assert dr.state == "success"
     prediction_id = xcom(dr, "submit")
     assert isinstance(prediction_id, str) and prediction_id
-    assert xcom(dr, "wait")["images"]["url"].endswith(f"/outputs/{prediction_id}/output.png")
+    assert without_query(xcom(dr, "wait")["images"]["url"]).endswith(f"/outputs/{prediction_id}/output.png")
     assert speedpix_conn.calls("comfy_prompt") == 1
 
 
@@ -240,17 +252,22 @@ def test_defer_passes_ids_and_an_absolute_deadline(speedpix_conn):
 def test_execute_complete_policy():
     sensor = SpeedPixPredictionSensor(task_id="wait", prediction_id="p-1", timeout=30)
     output = {"images": {"url": "http://x/y.png"}}
-    assert (
-        sensor.execute_complete({}, {"status": "success", "prediction_id": "p-1", "output": output}) == output
-    )
+    success = {
+        "status": "success",
+        "prediction_id": "p-1",
+        "prediction_status": "succeeded",
+        "output": output,
+    }
+    assert sensor.execute_complete({}, success) == output
     with pytest.raises(SpeedPixPredictionFailed):
         sensor.execute_complete({}, {"status": "failed", "prediction_id": "p-1", "error_code": "E"})
     with pytest.raises(AirflowSensorTimeout, match="p-1") as info:
         sensor.execute_complete({}, {"status": "timeout", "prediction_id": "p-1"})
     assert isinstance(info.value.__cause__, SpeedPixTimeoutError)
-    with pytest.raises(SpeedPixError, match="I400SG"):
+    with pytest.raises(SpeedPixSensorError, match="I400SG") as error:
         sensor.execute_complete({}, {"status": "error", "prediction_id": "p-1", "error_code": "I400SG"})
-    with pytest.raises(SpeedPixError, match="Unexpected event"):
+    assert isinstance(error.value.__cause__, SpeedPixError)
+    with pytest.raises(SpeedPixSensorError, match="Unexpected event"):
         sensor.execute_complete({}, None)
 
 
@@ -269,3 +286,67 @@ def test_sensor_timeout_is_not_retried(run_dag, speedpix_conn, deferrable):
     ti = ti_of(dr, "wait")
     assert ti.state == "failed"
     assert ti.try_number == 1
+
+
+# ---------------------------------------------------------------------- soft_fail: the same rule in both modes
+OUTCOMES = ["failed", "timeout", "error"]
+#: only a failed prediction or a timeout may skip; an error (credentials, unknown id, ...) fails
+SOFT_FAIL_STATE = {"failed": "skipped", "timeout": "skipped", "error": "failed"}
+
+
+def final_state(run) -> str:
+    try:
+        run()
+    except AirflowSkipException:
+        return "skipped"
+    except BaseException:
+        return "failed"
+    return "success"
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_soft_fail_in_poke_mode(monkeypatch, outcome):
+    def get_prediction(hook, prediction_id, **kwargs):
+        if outcome == "error":
+            raise SpeedPixAuthError("refused: check the App Secret", operation="comfy_get_progress")
+        status = "failed" if outcome == "failed" else "running"
+        return Prediction(id=prediction_id, status=status, error="boom", error_code="E1")
+
+    monkeypatch.setattr(SpeedPixHook, "get_prediction", get_prediction)
+    sensor = SpeedPixPredictionSensor(
+        task_id="wait", prediction_id="p-1", soft_fail=True, poke_interval=0.05, timeout=0.2
+    )
+    assert final_state(lambda: sensor.execute({})) == SOFT_FAIL_STATE[outcome]
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_soft_fail_in_deferrable_mode(outcome):
+    """Through the sensor base class's ``resume_execution``, as the worker resumes a deferred sensor."""
+    sensor = SpeedPixPredictionSensor(task_id="wait", prediction_id="p-1", soft_fail=True, timeout=30)
+    event = {"status": outcome, "prediction_id": "p-1", "error_code": "I400SG", "message": "refused"}
+    state = final_state(lambda: sensor.resume_execution("execute_complete", {"event": event}, {}))
+    assert state == SOFT_FAIL_STATE[outcome]
+
+
+def test_error_event_with_soft_fail_fails_the_deferred_sensor(run_dag, speedpix_conn, spy, monkeypatch):
+    """End to end in ``dag.test()``: the trigger's polls are refused (its error event), the poke was fine."""
+
+    async def refused(hook, prediction_id, **kwargs):
+        raise SpeedPixAuthError(
+            "SpeedPix gateway refused: check the App Secret", operation="comfy_get_progress"
+        )
+
+    monkeypatch.setattr(SpeedPixHook, "aget_prediction", refused)
+    prediction_id = create("sleep-30")
+    dr = run_dag(sensor_dag(prediction_id, True, timeout=60, soft_fail=True))
+    [event] = spy["resumed"]
+    assert event["status"] == "error"
+    assert ti_of(dr, "wait").state == "failed"  # not skipped: poke mode fails on the same error
+    [err] = spy["raised"]
+    assert isinstance(err, SpeedPixSensorError) and "App Secret" in str(err)
+
+
+def test_never_fail_still_skips_an_error_event():
+    sensor = SpeedPixPredictionSensor(task_id="wait", prediction_id="p-1", never_fail=True, timeout=30)
+    event = {"status": "error", "prediction_id": "p-1", "message": "refused"}
+    assert final_state(lambda: sensor.resume_execution("execute_complete", {"event": event}, {})) == "skipped"

@@ -249,12 +249,14 @@ class Script:
     def __init__(self, monkeypatch, steps: list[Any]) -> None:
         self.steps = list(steps)
         self.polls = 0
+        self.budgets: list[float | None] = []
         self.clock = FakeClock().install(monkeypatch, trigger_module)
         self.sleeps = self.clock.sleeps
         script = self
 
-        async def aget_prediction(hook, prediction_id):
+        async def aget_prediction(hook, prediction_id, *, time_left=None):
             script.polls += 1
+            script.budgets.append(time_left)
             step = script.steps.pop(0)
             if isinstance(step, BaseException):
                 raise step
@@ -337,8 +339,8 @@ def test_restart_rebuilds_from_kwargs_and_does_not_resubmit(speedpix_conn, monke
     original = SpeedPixHook.aget_prediction
     first_poll = None
 
-    async def spy(hook, prediction_id):
-        result = await original(hook, prediction_id)
+    async def spy(hook, prediction_id, **kwargs):
+        result = await original(hook, prediction_id, **kwargs)
         first_poll.set()
         return result
 
@@ -388,7 +390,8 @@ def test_many_triggers_share_one_client_per_loop(speedpix_conn, monkeypatch):
     assert {events[0]["status"] for events in results} == {"success"}
     assert sorted(events[0]["prediction_id"] for events in results) == sorted(ids)
     assert len(created) == 1
-    assert loop_client is created[0]
+    # the last trigger to finish closed it (tests/test_trigger_lifecycle.py)
+    assert loop_client is None and created[0].is_closed
 
 
 # ---------------------------------------------------------------------- adaptive polling
@@ -399,9 +402,9 @@ def test_polling_adapts_to_eta_but_detects_the_end_promptly(speedpix_conn, monke
     polls: dict[str, int] = {}
     original = SpeedPixHook.aget_prediction
 
-    async def counting(hook, prediction_id):
+    async def counting(hook, prediction_id, **kwargs):
         polls[prediction_id] = polls.get(prediction_id, 0) + 1
-        return await original(hook, prediction_id)
+        return await original(hook, prediction_id, **kwargs)
 
     monkeypatch.setattr(SpeedPixHook, "aget_prediction", counting)
     with_estimate, eta_only = create(f"sleep-{duration:g}"), create(f"sleep-{duration:g}")

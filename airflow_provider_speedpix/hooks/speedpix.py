@@ -7,6 +7,7 @@ waiting rules in :mod:`_polling`. This module only wires them together.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,9 +24,9 @@ from airflow_provider_speedpix._outcome import (
     check_prediction_id,
     raise_for_prediction,
 )
-from airflow_provider_speedpix._polling import PollLoop
+from airflow_provider_speedpix._polling import PollLoop, settle
 from airflow_provider_speedpix._protocol import Prediction, UploadedFile
-from airflow_provider_speedpix._retry import should_retry
+from airflow_provider_speedpix._retry import should_retry, within
 from airflow_provider_speedpix._settings import (
     DEFAULT_ENDPOINT,
     DEFAULT_RETRY_DELAY,
@@ -52,6 +53,7 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixServerError,
     SpeedPixThrottledError,
     SpeedPixTimeoutError,
+    SpeedPixTransportError,
 )
 
 #: Old name of :data:`REQUEST_TIMEOUT` (seconds per request), kept for callers that import it.
@@ -234,22 +236,43 @@ class SpeedPixHook(BaseHook):
         )
         return prediction
 
-    def get_prediction(self, prediction_id: str) -> Prediction:
+    def get_prediction(self, prediction_id: str, *, time_left: float | None = None) -> Prediction:
         """Status, progress (fraction 0..1), ETA, queue position and node progress; once finished also the
-        output, the default images and the timing (or the error code and message)."""
+        output, the default images and the timing (or the error code and message).
+
+        Finished means a definite answer (:func:`_polling.settle`): a result not ready yet reads as
+        ``running``. ``time_left`` bounds the whole call (requests, retries, backoff) in seconds.
+        """
         payload = {"taskId": check_prediction_id(prediction_id)}
-        prediction = proto.parse_progress(prediction_id, self._call(proto.PROGRESS, payload))
-        if prediction.finished:
-            proto.apply_result(prediction, self._call(proto.RESULT, payload, allow_failure=True))
+        with within(time_left):
+            prediction = proto.parse_progress(prediction_id, self._call(proto.PROGRESS, payload))
+            if prediction.finished:
+                settle(prediction, self._call(proto.RESULT, payload, allow_failure=True))
         return prediction
 
-    async def aget_prediction(self, prediction_id: str) -> Prediction:
-        """:meth:`get_prediction` for the event loop (used by the trigger)."""
+    async def aget_prediction(self, prediction_id: str, *, time_left: float | None = None) -> Prediction:
+        """:meth:`get_prediction` for the event loop (used by the trigger). Past ``time_left`` it raises
+        a transient :class:`SpeedPixTransportError`, even while waiting for a free connection."""
         payload = {"taskId": check_prediction_id(prediction_id)}
-        prediction = proto.parse_progress(prediction_id, await self._acall(proto.PROGRESS, payload))
-        if prediction.finished:
-            proto.apply_result(prediction, await self._acall(proto.RESULT, payload, allow_failure=True))
-        return prediction
+
+        async def poll() -> Prediction:
+            prediction = proto.parse_progress(prediction_id, await self._acall(proto.PROGRESS, payload))
+            if prediction.finished:
+                settle(prediction, await self._acall(proto.RESULT, payload, allow_failure=True))
+            return prediction
+
+        if time_left is None:
+            return await poll()
+        with within(time_left):
+            try:
+                return await asyncio.wait_for(poll(), timeout=max(time_left, 0.0))
+            except TimeoutError:
+                raise SpeedPixTransportError(
+                    f"SpeedPix {proto.PROGRESS}: no answer within the {time_left:.1f}s left before the "
+                    "deadline.",
+                    operation=proto.PROGRESS,
+                    reached_server=True,
+                ) from None
 
     def wait_for_prediction(
         self,
@@ -278,10 +301,11 @@ class SpeedPixHook(BaseHook):
             created_at=started,
             estimated_duration=estimated_duration,
             max_consecutive_errors=max_consecutive_errors,
+            not_found_grace=0.0,  # created_at here is when the wait began, not the creation
         )
         while True:
             try:
-                prediction = self.get_prediction(prediction_id)
+                prediction = self.get_prediction(prediction_id, time_left=loop.poll_budget(time.monotonic()))
             except SpeedPixError as err:
                 step = loop.failed(err, time.monotonic())
                 if step.action in ("sleep", "timeout"):
@@ -321,19 +345,55 @@ class SpeedPixHook(BaseHook):
 
     # ------------------------------------------------------------------ connection test
     def test_connection(self) -> tuple[bool, str]:
-        """Make one real signed call and say whether the gateway accepted the credentials."""
+        """Make one real signed call and say, in the user's words, whether SpeedPix accepted the credentials.
+
+        The probe reads the status of a task that does not exist: free, creates nothing. Its "no such
+        task" answer means the gateway accepted the signature. Messages name the endpoint, the error code
+        and the field to fix, never an internal operation name, the secret or a signature.
+        """
         try:
             settings = self.settings
+        except SpeedPixError as err:
+            return False, f"The connection is not usable yet: {err}"
+        where = f"SpeedPix at {settings.endpoint}"
+        try:
             self._call(proto.PROGRESS, {"taskId": "airflow-connection-test"})
         except SpeedPixAuthError as err:
-            return False, f"Credentials rejected: {err}"
-        except SpeedPixAPIError as err:
-            if isinstance(err, SpeedPixServerError | SpeedPixThrottledError | SpeedPixResponseError):
-                return False, str(err)
-            return True, f"Credentials accepted by {settings.endpoint} (probe answered: {err.error_code})."
-        except SpeedPixError as err:
-            return False, str(err)
-        return True, f"Credentials accepted by {settings.endpoint}."
+            return False, (
+                f"{where} rejected the credentials{_code(err)}. Check the App Key and the App Secret "
+                "(copy both from the SpeedPix console), and that this machine's clock is right."
+            )
+        except SpeedPixThrottledError as err:
+            return False, (
+                f"{where} is throttling requests right now{_code(err)}, so the credentials could not be "
+                "checked. Try again in a minute."
+            )
+        except SpeedPixServerError as err:
+            return False, (
+                f"{where} answered with a server error{_code(err)}, so the credentials could not be "
+                "checked. Try again later."
+            )
+        except SpeedPixResponseError:
+            return False, (
+                f"{settings.endpoint} answered, but not as SpeedPix does. Check the Endpoint: it should be "
+                f"{DEFAULT_ENDPOINT} (or your emulator's address), with no path."
+            )
+        except SpeedPixAPIError:
+            pass  # a SpeedPix answer to the probe (no such task): the gateway accepted the credentials
+        except SpeedPixError:
+            return False, (
+                f"Could not reach {where}. Check the Endpoint and this machine's network and proxy settings."
+            )
+        return True, f"Connected to {where}: the credentials were accepted."
+
+
+def _code(err: SpeedPixAPIError) -> str:
+    """`` (HTTP 400, I400SG: Invalid Signature)`` from what the gateway said, without internal names."""
+    parts = [f"HTTP {err.status_code}" if err.status_code else "", err.error_code or ""]
+    said = ", ".join(part for part in parts if part)
+    if err.error_message:
+        said = f"{said}: {err.error_message}" if said else err.error_message
+    return f" ({said})" if said else ""
 
 
 __all__ = [

@@ -5,18 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_speedpix import _metrics
+from airflow_provider_speedpix._fingerprint import request_changes, request_record
 from airflow_provider_speedpix._inputs import check_strategy
 from airflow_provider_speedpix._outcome import (
     DEFER_GRACE,
     MAX_CONSECUTIVE_ERRORS,
     ProgressKey,
+    check_event,
     check_positive,
     defer_to_trigger,
     describe_finished,
@@ -32,7 +34,11 @@ from airflow_provider_speedpix._protocol import (
     iter_prediction_urls,
 )
 from airflow_provider_speedpix._storage import safe_filename
-from airflow_provider_speedpix.exceptions import SpeedPixNotFoundError, SpeedPixPredictionFailed
+from airflow_provider_speedpix.exceptions import (
+    SpeedPixConfigError,
+    SpeedPixNotFoundError,
+    SpeedPixPredictionFailed,
+)
 from airflow_provider_speedpix.hooks.speedpix import DEFAULT_POLL_INTERVAL, SpeedPixHook
 
 if TYPE_CHECKING:
@@ -87,7 +93,41 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def _templated(value: Any) -> bool:
-    return isinstance(value, str) and "{{" in value
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def _resolved_at_runtime(value: Any) -> bool:
+    """A template, or a value Airflow resolves when the task runs (``XComArg``, ``MappedArgument``...: what
+    its template rendering calls ``resolve`` on): nothing to check while the DAG is parsed."""
+    return _templated(value) or (hasattr(value, "resolve") and hasattr(value, "iter_references"))
+
+
+def check_reference_at_parse(workflow_id: Any, alias_id: Any, version_id: Any) -> None:
+    """Check what is already known when the DAG file is parsed: literal values only. The rendered values
+    are checked again when the task runs, before anything is uploaded or billed."""
+    if not _resolved_at_runtime(workflow_id):
+        check_workflow_reference(workflow_id)
+    if not _resolved_at_runtime(alias_id) and not _resolved_at_runtime(version_id):
+        check_workflow_reference("-", alias_id=alias_id, version_id=version_id)
+
+
+def _dir_key(value: Any) -> str | None:
+    """How an ``output_dir`` was written, to tell whether two tasks were given the same one (templates as
+    written: the same template renders the same in one run); ``None``: not comparable (an XComArg...)."""
+    if isinstance(value, (str, PurePath)) or type(value).__name__ == "ObjectStoragePath":
+        return str(value).rstrip("/") or "/"
+    return None
+
+
+def _raw_output_dir(task: Any) -> Any:
+    """The ``output_dir`` a task of the DAG was given, unrendered (a mapped task's from ``.partial``)."""
+    if isinstance(task, SpeedPixRunOperator):
+        return getattr(task, "_output_dir_as_written", None)
+    operator_class = getattr(task, "operator_class", None)
+    partial = getattr(task, "partial_kwargs", None)
+    if isinstance(operator_class, type) and issubclass(operator_class, SpeedPixRunOperator) and partial:
+        return partial.get("output_dir")
+    return None
 
 
 def _join(directory: Any, name: str) -> Any:
@@ -105,8 +145,9 @@ class SpeedPixRunOperator(BaseOperator):
 
     Local files in ``inputs`` are uploaded from the worker before it defers, and outputs are downloaded on
     the worker after it resumes: the triggerer never needs the worker's disk. The prediction id is kept in
-    ``task_state_store`` (Airflow 3.3+), so a retry reconnects to a running or finished prediction instead
-    of paying for a second one. Returns ``{"prediction_id", "status", "output", "images", "files",
+    ``task_state_store`` (Airflow 3.3+) with a fingerprint of the request, so a retry reconnects to a running
+    or finished prediction instead of paying for a second one, but only when it was made from the same
+    request (a changed DAG submits anew). Returns ``{"prediction_id", "status", "output", "images", "files",
     "run_seconds", "started_at", "finished_at"}`` (README, "Return value"): ``output`` is the custom
     result (None when the workflow has no custom output fields), ``images`` the default output's URLs;
     these URLs are temporary, ``files`` are the saved copies.
@@ -128,7 +169,9 @@ class SpeedPixRunOperator(BaseOperator):
     :param max_consecutive_errors: failed status polls in a row (each already retried) that the wait sits
         out before failing, on the triggerer and on a worker alike.
     :param output_dir: local directory or object-storage URI / ``ObjectStoragePath`` to save every output
-        file into (streamed). ``None``: nothing is downloaded.
+        file into (streamed). ``None``: nothing is downloaded. Instances sharing it get a folder of their
+        own in it (``<map_index>/`` for ``.partial(output_dir=...)``, ``<task_id>/`` for tasks given the
+        same one): README, "Where files are saved".
     :param speedpix_conn_id: the SpeedPix connection.
     """
 
@@ -173,14 +216,15 @@ class SpeedPixRunOperator(BaseOperator):
         self.randomise_seeds = randomise_seeds
         self.return_temp_files = return_temp_files
         self.file_encoding_strategy = check_strategy(file_encoding_strategy)
-        if not any(_templated(v) for v in (workflow_id, alias_id, version_id)):
-            check_workflow_reference(workflow_id, alias_id=alias_id, version_id=version_id)  # fail at parse
+        check_reference_at_parse(workflow_id, alias_id, version_id)  # literal values fail the DAG's import
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = check_positive("poll_interval", poll_interval)
         self.timeout = None if timeout is None else check_positive("timeout", timeout)
         self.max_consecutive_errors = max_consecutive_errors
         self.output_dir = output_dir
+        # kept unrendered: tells task instances sharing an output_dir apart (_output_base)
+        self._output_dir_as_written = output_dir
         self.speedpix_conn_id = speedpix_conn_id
         self._last_progress: ProgressKey | None = None
         self._state: dict[str, Any] = {}
@@ -192,7 +236,8 @@ class SpeedPixRunOperator(BaseOperator):
     # ------------------------------------------------------------------ execute
     def execute(self, context: Context) -> Any:
         store = context.get("task_state_store")
-        prediction = self._resume(store)
+        record = self._request_record()  # rendered values, before any upload
+        prediction = self._resume(store, record)
         if prediction is None:
             prediction = self.hook.create_prediction(
                 self.workflow_id,
@@ -208,6 +253,7 @@ class SpeedPixRunOperator(BaseOperator):
                 "prediction_id": prediction.id,
                 "created_at": time.time(),
                 "estimated_duration": prediction.estimated_duration,
+                **record,
             }
             if store is not None:
                 store.set(STATE_KEY, self._state)
@@ -240,20 +286,55 @@ class SpeedPixRunOperator(BaseOperator):
             raise
         return self._finish(context, finished)
 
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+    def execute_complete(
+        self,
+        context: Context,
+        event: dict[str, Any] | None = None,
+        deferred_prediction_id: str | None = None,
+    ) -> Any:
         """Resume on the worker after the trigger fired: check the event, download, return. The event
         carries outputs, default images and timing, so no API call is needed."""
         store = context.get("task_state_store")
         saved = store.get(STATE_KEY) if store is not None else None
         self._state = saved if isinstance(saved, dict) else {}
-        if isinstance(event, dict) and event.get("status") == "failed" and event.get("prediction_id"):
+        # The prediction this try deferred on: passed along with the deferral (next_kwargs), else the stored
+        # one (a deferral made by 0.1.0). An event about any other prediction is refused.
+        expected = deferred_prediction_id or self._state.get("prediction_id")
+        event = check_event(event, prediction_id=expected if isinstance(expected, str) else None)
+        if event["status"] == "failed":
             self._report(prediction_from_event(event))
         event = raise_for_event(event, timeout=self.timeout)
         return self._finish(context, prediction_from_event(event))
 
     # ------------------------------------------------------------------ steps
-    def _resume(self, store: Any) -> Prediction | None:
-        """A retry picks up the prediction of an earlier try instead of paying for a new one."""
+    def _request_record(self) -> dict[str, Any]:
+        """Check the rendered request (templates and XComArgs are only known now) and return its
+        fingerprint and readable parts (:func:`request_record`), computed before anything is uploaded."""
+        check_workflow_reference(self.workflow_id, alias_id=self.alias_id, version_id=self.version_id)
+        if not isinstance(self.inputs, dict):
+            raise SpeedPixConfigError(
+                f"`inputs` must be a dict of the workflow's input fields, got {type(self.inputs).__name__} "
+                f"({self.inputs!r:.100}); check the template or XCom it comes from."
+            )
+        for name in ("resource_config_id", "alias_id", "version_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SpeedPixConfigError(f"`{name}` must be a string or None, got {value!r:.100}.")
+        return request_record(
+            self.workflow_id,
+            self.inputs,
+            alias_id=self.alias_id,
+            version_id=self.version_id,
+            resource_config_id=self.resource_config_id,
+            randomise_seeds=self.randomise_seeds,
+            return_temp_files=self.return_temp_files,
+            file_encoding_strategy=self.file_encoding_strategy,
+        )
+
+    def _resume(self, store: Any, record: dict[str, Any]) -> Prediction | None:
+        """A retry picks up the prediction of an earlier try instead of paying for a new one, but only one
+        made from the same request: after the DAG changed (and the task was cleared) it would be the wrong
+        images."""
         if store is None:
             self.log.warning(
                 "task_state_store is not available (Airflow < 3.3): a retry of this task submits a new "
@@ -262,6 +343,21 @@ class SpeedPixRunOperator(BaseOperator):
             return None
         saved = store.get(STATE_KEY)
         if not isinstance(saved, dict) or not saved.get("prediction_id"):
+            return None
+        if saved.get("fingerprint") != record["fingerprint"]:
+            changes = request_changes(saved.get("request"), record["request"])
+            why = (
+                f"({', '.join(changes)})"
+                if changes
+                else "(kept without a record of its request, by an older provider version)"
+                if not saved.get("fingerprint")
+                else "(options or inputs changed)"
+            )
+            self.log.warning(
+                "Prediction %s from an earlier try was made from a different request %s; submitting a new one.",
+                saved["prediction_id"],
+                why,
+            )
             return None
         self._state = saved
         try:
@@ -304,7 +400,8 @@ class SpeedPixRunOperator(BaseOperator):
                 created_at=self._state.get("created_at", time.time()),
                 estimated_duration=prediction.estimated_duration,
                 max_consecutive_errors=self.max_consecutive_errors,
-            )
+            ),
+            kwargs={"deferred_prediction_id": prediction.id},
         )
 
     def _finish(self, context: Context, prediction: Prediction) -> dict[str, Any]:
@@ -317,7 +414,7 @@ class SpeedPixRunOperator(BaseOperator):
                 store.set(STATE_KEY, self._state)
         files = []
         if self.output_dir:
-            plan = output_files_plan(prediction.output, self.output_dir, prediction.images)
+            plan = output_files_plan(prediction.output, self._output_base(context), prediction.images)
             for where, url, destination in plan:
                 saved = self.hook.download(url, destination)
                 self.log.info("Saved %s to %s", where, saved)
@@ -339,6 +436,31 @@ class SpeedPixRunOperator(BaseOperator):
             "started_at": iso(prediction.started_at),
             "finished_at": iso(prediction.finished_at),
         }
+
+    def _output_base(self, context: Context) -> Any:
+        """Where this task instance saves its files: ``output_dir``, in a folder of its own when other task
+        instances are given the same one (README, "Where files are saved"): ``<task_id>/`` when another task
+        of the DAG has the same ``output_dir``, then ``<map_index>/`` for an instance of a mapped task whose
+        ``output_dir`` all its instances share (given in ``.partial``). Stable across retries."""
+        base = self.output_dir
+        dag = self.dag if self.has_dag() else None
+        tasks = dict(getattr(dag, "task_dict", None) or {})
+        mine = _dir_key(self._output_dir_as_written)
+        if mine is not None and any(
+            _dir_key(_raw_output_dir(task)) == mine
+            for task_id, task in tasks.items()
+            if task_id != self.task_id
+        ):
+            base = _join(base, safe_filename(self.task_id))
+        map_index = getattr(context.get("ti"), "map_index", -1)
+        if isinstance(map_index, int) and map_index >= 0:
+            node = tasks.get(self.task_id)
+            partial = getattr(node, "partial_kwargs", None)
+            # given per instance (in .expand / .expand_kwargs): each instance already has its own place
+            per_instance = isinstance(partial, dict) and "output_dir" not in partial
+            if not per_instance:
+                base = _join(base, str(map_index))
+        return base
 
     def _report(self, prediction: Prediction) -> None:
         """Metrics for a terminal state seen on this worker (``docs/metrics.md``)."""

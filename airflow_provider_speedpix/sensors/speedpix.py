@@ -23,13 +23,25 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
 
+class SpeedPixSensorError(RuntimeError):
+    """Waiting failed for another reason than the prediction's own failure or the timeout (the trigger's
+    ``error`` event: credentials refused, unknown prediction, too many failed polls).
+
+    Deliberately not an ``AirflowException``: in deferrable mode Airflow turns every ``AirflowException``
+    from ``execute_complete`` into a skip when ``soft_fail`` is set, while poke mode fails on the same
+    error. The original ``SpeedPixError`` is its ``__cause__``.
+    """
+
+
 class SpeedPixPredictionSensor(BaseSensorOperator):
     """Wait until a SpeedPix prediction finishes; return its output (the result dict with its URLs; for a
     workflow without custom output fields, its default images as ``{"images": [url, ...]}``).
 
     Use it for a prediction submitted by ``SpeedPixRunOperator(wait_for_completion=False)`` or by another
-    system. A failed prediction raises :class:`SpeedPixPredictionFailed` with the API's code and message
-    (the task is skipped instead with ``soft_fail=True``). ``timeout`` (the sensor's) bounds the wait.
+    system. A failed prediction raises :class:`SpeedPixPredictionFailed` with the API's code and message.
+    ``timeout`` (the sensor's) bounds the wait. With ``soft_fail=True`` a failed prediction or a timeout
+    skips the task, in both modes; any other error (credentials, unknown prediction, too many failed
+    polls) still fails it (in deferrable mode as :class:`SpeedPixSensorError`).
 
     :param prediction_id: the prediction to wait for (templated).
     :param speedpix_conn_id: the SpeedPix connection.
@@ -90,7 +102,10 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
         return PokeReturnValue(is_done=True, xcom_value=prediction.output_or_images)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
-        """Resume after the trigger fired; ``soft_fail`` is applied by the sensor base class."""
+        """Resume after the trigger fired. ``soft_fail`` skips only a failed prediction or a timeout, as in
+        poke mode: any other end of the wait (an ``error`` event, an unreadable event) fails the task,
+        raised as :class:`SpeedPixSensorError`, which Airflow's ``resume_execution`` does not turn into a
+        skip (it skips on any ``AirflowException``)."""
         if (
             isinstance(event, dict)
             and event.get("status") in ("success", "failed")
@@ -103,6 +118,12 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
         except SpeedPixTimeoutError as err:
             # as in poke mode: a timed-out sensor fails for good; a retry would restart the whole wait
             raise AirflowSensorTimeout(str(err)) from err
+        except SpeedPixPredictionFailed:
+            raise  # soft_fail: skipped by the sensor base class, as poke() skips it
+        except Exception as err:
+            if getattr(self, "never_fail", False):
+                raise AirflowSkipException(f"Skipping due to never_fail: {err}") from err
+            raise SpeedPixSensorError(str(err)) from err
 
     def _finished(self, prediction: Prediction) -> None:
         """Log the terminal state and emit its metrics (the workflow id only where the service names it)."""

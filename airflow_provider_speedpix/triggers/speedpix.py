@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_speedpix import _transport
 from airflow_provider_speedpix._outcome import (
     EVENT_STATUSES,
     MAX_CONSECUTIVE_ERRORS,
@@ -35,8 +37,12 @@ class SpeedPixPredictionTrigger(BaseTrigger):
     ``error_code`` and ``message``. Progress is logged on change only (``_outcome.log_progress``, the
     operator's and sensor's helper too); no metrics are emitted here (the worker does that on resume).
     Its kwargs hold ids and times only (never a secret); the credentials are looked up from
-    ``speedpix_conn_id`` on the triggerer. All triggers of a triggerer share one HTTP connection pool.
-    The waiting rules are ``SpeedPixHook.wait_for_prediction``'s (one :class:`_polling.PollLoop`).
+    ``speedpix_conn_id`` on the triggerer. All triggers of a triggerer share one HTTP connection pool,
+    closed when the last of them ends. The waiting rules are ``SpeedPixHook.wait_for_prediction``'s (one
+    :class:`_polling.PollLoop`): each poll, retries included, is bounded by the time left before the
+    deadline, so the ``timeout`` event comes at most ``_polling.LAST_POLL_SECONDS`` after it.
+    :meth:`on_kill` (a user marked the deferred task failed/success or cleared it) warns that the
+    prediction keeps running: SpeedPix has no cancel call.
 
     :param prediction_id: the prediction to wait for.
     :param speedpix_conn_id: the SpeedPix connection.
@@ -69,6 +75,8 @@ class SpeedPixPredictionTrigger(BaseTrigger):
         self.created_at = created_at
         self.estimated_duration = estimated_duration
         self.max_consecutive_errors = max_consecutive_errors
+        self._final_event_sent = False
+        self._release_client: Callable[[], Awaitable[None]] | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -91,6 +99,40 @@ class SpeedPixPredictionTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        self._release_client = _transport.hold_async_client()
+        try:
+            event = await self._wait()
+            self._final_event_sent = True  # before yielding: on_kill may come as soon as the event is out
+            yield event
+        finally:
+            await self._let_go_of_client()
+
+    async def cleanup(self) -> None:
+        """Runs on every exit (also a triggerer restart): local resources only, never the prediction."""
+        await self._let_go_of_client()
+        await super().cleanup()
+
+    async def _let_go_of_client(self) -> None:
+        release, self._release_client = self._release_client, None
+        if release is not None:
+            await release()
+
+    async def on_kill(self) -> None:
+        """A user marked the deferred task failed or success, or cleared it: say that the prediction keeps
+        running (and billing), since SpeedPix has no cancel call. Silent after the final event (Airflow
+        may call this then too); never raises, never waits on the network."""
+        if self._final_event_sent:
+            return
+        with contextlib.suppress(Exception):  # a log call must never turn a kill into an error
+            self.log.warning(
+                "Stopped waiting for SpeedPix prediction %s, but it keeps running and is billed until it "
+                "finishes: SpeedPix has no cancel call. A new try of the task reconnects to it if it has "
+                "not finished successfully.",
+                self.prediction_id,
+            )
+
+    async def _wait(self) -> TriggerEvent:
+        """Poll until there is something to tell: the one event ``run`` yields."""
         hook = SpeedPixHook(speedpix_conn_id=self.speedpix_conn_id)
         loop = PollLoop(
             poll_interval=self.poll_interval,
@@ -103,7 +145,9 @@ class SpeedPixPredictionTrigger(BaseTrigger):
         last_logged: ProgressKey | None = None
         while True:
             try:
-                prediction = await hook.aget_prediction(self.prediction_id)
+                prediction = await hook.aget_prediction(
+                    self.prediction_id, time_left=loop.poll_budget(time.time())
+                )
             except SpeedPixError as err:
                 step = loop.failed(err, time.time())
                 if step.action in ("sleep", "timeout"):
@@ -117,25 +161,21 @@ class SpeedPixPredictionTrigger(BaseTrigger):
                 step = loop.answered(prediction, time.time())
                 last_logged = log_progress(self.log, prediction, last_logged)
             if step.prediction is not None:  # done
-                yield TriggerEvent(prediction_event(step.prediction))
-                return
+                return TriggerEvent(prediction_event(step.prediction))
             if step.action == "error":
-                yield self._event(
+                return self._event(
                     "error", str(step.error), error_code=getattr(step.error, "error_code", None)
                 )
-                return
             if step.action == "gave_up":
-                yield self._event(
+                return self._event(
                     "error",
                     f"Gave up after {loop.errors} failed polls in a row: {step.error}",
                     error_code=getattr(step.error, "error_code", None),
                 )
-                return
             if step.action == "sleep" or step.delay > 0:
                 await asyncio.sleep(step.delay)
             if step.action == "timeout":
-                yield self._timeout_event(loop.last_status)
-                return
+                return self._timeout_event(loop.last_status)
 
     def _timeout_event(self, last_status: str | None) -> TriggerEvent:
         return self._event(
