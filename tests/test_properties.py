@@ -34,6 +34,7 @@ from airflow_provider_speedpix._outcome import (
     prediction_event,
     prediction_from_event,
 )
+from airflow_provider_speedpix._protocol.prediction import _fraction
 from airflow_provider_speedpix._signing import sign_request
 from airflow_provider_speedpix.emulator.app import EmulatorConfig, EmulatorState, GatewayError
 from airflow_provider_speedpix.exceptions import SpeedPixError, SpeedPixInputError
@@ -414,5 +415,5 @@ def test_node_state_parsing_is_lenient(value):
 @SETTINGS
 @given(value=json_values | numbers)
 def test_progress_is_always_a_fraction_or_none(value):
-    fraction = proto._fraction(value)
+    fraction = _fraction(value)
     assert fraction is None or 0 <= fraction <= 1
