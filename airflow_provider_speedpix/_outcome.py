@@ -7,7 +7,13 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from airflow_provider_speedpix._protocol import Prediction, iso, parse_datetime, parse_images
+from airflow_provider_speedpix._protocol import (
+    Prediction,
+    check_workflow_reference,
+    iso,
+    parse_datetime,
+    parse_images,
+)
 from airflow_provider_speedpix.exceptions import (
     SpeedPixConfigError,
     SpeedPixError,
@@ -252,3 +258,22 @@ def defer_to_trigger(
         "method_name": "execute_complete",
         "timeout": None if timeout is None else timedelta(seconds=timeout + DEFER_GRACE),
     }
+
+
+def templated(value: Any) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def resolved_at_runtime(value: Any) -> bool:
+    """A template, or a value Airflow resolves when the task runs (``XComArg``, ``MappedArgument``...: what
+    its template rendering calls ``resolve`` on): nothing to check while the DAG is parsed."""
+    return templated(value) or (hasattr(value, "resolve") and hasattr(value, "iter_references"))
+
+
+def check_reference_at_parse(workflow_id: Any, alias_id: Any, version_id: Any) -> None:
+    """Check what is already known when the DAG file is parsed: literal values only. The rendered values
+    are checked again when the task runs, before anything is uploaded or billed."""
+    if not resolved_at_runtime(workflow_id):
+        check_workflow_reference(workflow_id)
+    if not resolved_at_runtime(alias_id) and not resolved_at_runtime(version_id):
+        check_workflow_reference("-", alias_id=alias_id, version_id=version_id)

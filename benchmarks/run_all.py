@@ -25,12 +25,14 @@ FULL = {
     "b3_upload_memory.py": ["--size-mb", "1024"],
     "b4_adaptive_polling.py": ["--durations", "2,5,10,20,40,80,120", "--repeat", "3"],
     "b5_call_overhead.py": ["--count", "500", "--block", "50"],
+    "b6_batch.py": ["--items", "1000", "--window", "200", "--seconds", "20"],
 }
 QUICK = {
     "b1_trigger_fleet.py": ["--sizes", "200", "--window", "10"],
     "b3_upload_memory.py": ["--size-mb", "64"],
     "b4_adaptive_polling.py": ["--durations", "2,5,10,20", "--repeat", "2"],
     "b5_call_overhead.py": ["--count", "200", "--block", "50"],
+    "b6_batch.py": ["--items", "40", "--window", "20", "--seconds", "5"],
 }
 B2_ROW = c.row(
     "B2 deferral",

@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
@@ -20,6 +18,7 @@ from airflow_provider_speedpix._outcome import (
     ProgressKey,
     check_event,
     check_positive,
+    check_reference_at_parse,
     defer_to_trigger,
     describe_finished,
     log_progress,
@@ -27,13 +26,12 @@ from airflow_provider_speedpix._outcome import (
     raise_for_event,
     raise_for_prediction,
 )
+from airflow_provider_speedpix._outputs import instance_output_base, output_files_plan
 from airflow_provider_speedpix._protocol import (
     Prediction,
     check_workflow_reference,
     iso,
-    iter_prediction_urls,
 )
-from airflow_provider_speedpix._storage import safe_filename
 from airflow_provider_speedpix.exceptions import (
     SpeedPixConfigError,
     SpeedPixNotFoundError,
@@ -58,86 +56,6 @@ __all__ = [
     "SpeedPixRunOperator",
     "output_files_plan",
 ]
-
-
-def output_files_plan(output: Any, output_dir: Any, images: Any = ()) -> list[tuple[str, str, Any]]:
-    """``(place, url, destination)`` for every output URL of a prediction, the one file-naming rule.
-
-    Custom result fields are named after their field: ``images.png``, ``subject_image.png``; list items
-    get an index (``gallery_0.jpg``). Default images (``images``, the output of a workflow without custom
-    output fields) are ``image_0.png``, ``image_1.png``... (the URL's suffix, else ``.png``); one whose URL
-    the result already holds is saved once, under the result's name. No two files get the same name: a
-    later clash (with a custom field, case-insensitively) gets ``-2``, ``-3``... before its suffix.
-    """
-    plan = []
-    taken: set[str] = set()
-    for place in iter_prediction_urls(output, images):
-        suffix = PurePosixPath(urlsplit(place.url).path).suffix[:10]
-        if place.root == "images" and len(suffix) < 2:
-            suffix = ".png"
-        name = _unique(safe_filename(place.stem + suffix), taken)
-        plan.append((place.where, place.url, _join(output_dir, name)))
-    return plan
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    stem, dot, suffix = name.rpartition(".")
-    if not dot or not stem:
-        stem, suffix = name, ""
-    candidate, number = name, 1
-    while candidate.lower() in taken:
-        number += 1
-        candidate = f"{stem}-{number}" + (f".{suffix}" if suffix else "")
-    taken.add(candidate.lower())
-    return candidate
-
-
-def _templated(value: Any) -> bool:
-    return isinstance(value, str) and ("{{" in value or "{%" in value)
-
-
-def _resolved_at_runtime(value: Any) -> bool:
-    """A template, or a value Airflow resolves when the task runs (``XComArg``, ``MappedArgument``...: what
-    its template rendering calls ``resolve`` on): nothing to check while the DAG is parsed."""
-    return _templated(value) or (hasattr(value, "resolve") and hasattr(value, "iter_references"))
-
-
-def check_reference_at_parse(workflow_id: Any, alias_id: Any, version_id: Any) -> None:
-    """Check what is already known when the DAG file is parsed: literal values only. The rendered values
-    are checked again when the task runs, before anything is uploaded or billed."""
-    if not _resolved_at_runtime(workflow_id):
-        check_workflow_reference(workflow_id)
-    if not _resolved_at_runtime(alias_id) and not _resolved_at_runtime(version_id):
-        check_workflow_reference("-", alias_id=alias_id, version_id=version_id)
-
-
-def _dir_key(value: Any) -> str | None:
-    """How an ``output_dir`` was written, to tell whether two tasks were given the same one (templates as
-    written: the same template renders the same in one run); ``None``: not comparable (an XComArg...)."""
-    if isinstance(value, (str, PurePath)) or type(value).__name__ == "ObjectStoragePath":
-        return str(value).rstrip("/") or "/"
-    return None
-
-
-def _raw_output_dir(task: Any) -> Any:
-    """The ``output_dir`` a task of the DAG was given, unrendered (a mapped task's from ``.partial``)."""
-    if isinstance(task, SpeedPixRunOperator):
-        return getattr(task, "_output_dir_as_written", None)
-    operator_class = getattr(task, "operator_class", None)
-    partial = getattr(task, "partial_kwargs", None)
-    if isinstance(operator_class, type) and issubclass(operator_class, SpeedPixRunOperator) and partial:
-        return partial.get("output_dir")
-    return None
-
-
-def _join(directory: Any, name: str) -> Any:
-    if isinstance(directory, str):
-        if "://" in directory:
-            from airflow.sdk import ObjectStoragePath
-
-            return ObjectStoragePath(directory) / name
-        return Path(directory).expanduser() / name
-    return directory / name
 
 
 class SpeedPixRunOperator(BaseOperator):
@@ -185,6 +103,8 @@ class SpeedPixRunOperator(BaseOperator):
         "speedpix_conn_id",
     )
     template_fields_renderers: ClassVar[dict[str, str]] = {"inputs": "json"}
+    #: ``output_dir`` as given to the constructor (before rendering); see ``_outputs.instance_output_base``.
+    _output_dir_as_written: Any = None
     ui_color = "#ff9f43"
 
     def __init__(
@@ -438,29 +358,7 @@ class SpeedPixRunOperator(BaseOperator):
         }
 
     def _output_base(self, context: Context) -> Any:
-        """Where this task instance saves its files: ``output_dir``, in a folder of its own when other task
-        instances are given the same one (README, "Where files are saved"): ``<task_id>/`` when another task
-        of the DAG has the same ``output_dir``, then ``<map_index>/`` for an instance of a mapped task whose
-        ``output_dir`` all its instances share (given in ``.partial``). Stable across retries."""
-        base = self.output_dir
-        dag = self.dag if self.has_dag() else None
-        tasks = dict(getattr(dag, "task_dict", None) or {})
-        mine = _dir_key(self._output_dir_as_written)
-        if mine is not None and any(
-            _dir_key(_raw_output_dir(task)) == mine
-            for task_id, task in tasks.items()
-            if task_id != self.task_id
-        ):
-            base = _join(base, safe_filename(self.task_id))
-        map_index = getattr(context.get("ti"), "map_index", -1)
-        if isinstance(map_index, int) and map_index >= 0:
-            node = tasks.get(self.task_id)
-            partial = getattr(node, "partial_kwargs", None)
-            # given per instance (in .expand / .expand_kwargs): each instance already has its own place
-            per_instance = isinstance(partial, dict) and "output_dir" not in partial
-            if not per_instance:
-                base = _join(base, str(map_index))
-        return base
+        return instance_output_base(self, context)
 
     def _report(self, prediction: Prediction) -> None:
         """Metrics for a terminal state seen on this worker (``docs/metrics.md``)."""

@@ -1,0 +1,325 @@
+"""The batch's pure logic (``_batch``) and SpeedPixBatchTrigger driven directly, without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from airflow_provider_speedpix import _batch
+from airflow_provider_speedpix._batch import BatchState, build_items, parse_items_text
+from airflow_provider_speedpix._protocol import Prediction
+from airflow_provider_speedpix.exceptions import (
+    SpeedPixAPIError,
+    SpeedPixConfigError,
+    SpeedPixNotFoundError,
+    SpeedPixServerError,
+    SpeedPixThrottledError,
+)
+from airflow_provider_speedpix.triggers import batch as trigger_module
+from airflow_provider_speedpix.triggers.batch import SpeedPixBatchTrigger
+
+
+def state_of(n: int, window: int = 4, retries: int = 0) -> BatchState:
+    return BatchState(
+        build_items([{"x": i} for i in range(n)], None), max_in_flight=window, item_retries=retries
+    )
+
+
+# ---------------------------------------------------------------------- items and parameters
+def test_csv_and_jsonl_items_with_id_field():
+    rows = parse_items_text("sku,text\nA-1,red mug\nB-2,blue mug\n", "p.csv")
+    items = build_items(rows, "sku")
+    assert [(i.item_id, i.inputs) for i in items] == [
+        ("A-1", {"text": "red mug"}),
+        ("B-2", {"text": "blue mug"}),
+    ]
+    rows = parse_items_text('{"sku": "A", "n": 1}\n\n{"sku": "B", "n": 2}\n', "p.jsonl")
+    assert [i.inputs for i in build_items(rows, "sku")] == [{"n": 1}, {"n": 2}]
+    assert [i.item_id for i in build_items(rows, None)] == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "field", "needle"),
+    [
+        ([{"id": "a"}, {"id": "a"}], "id", "not unique"),
+        ([{"id": "a/b"}, {"id": "a_b"}], "id", "not unique"),  # the same output folder
+        ([{"x": 1}], "id", "has no `id`"),
+        (["text"], None, "must be a dict"),
+    ],
+)
+def test_bad_items_name_the_item_and_the_fix(rows, field, needle):
+    with pytest.raises(SpeedPixConfigError, match=needle):
+        build_items(rows, field)
+
+
+def test_unknown_file_format_and_bad_json_line():
+    with pytest.raises(SpeedPixConfigError, match=r"\.csv.*\.jsonl"):
+        parse_items_text("x", "items.txt")
+    with pytest.raises(SpeedPixConfigError, match="line 2"):
+        parse_items_text('{"a": 1}\n{oops\n', "items.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "needle"),
+    [
+        (_batch.check_window, 0, "max_in_flight"),
+        (_batch.check_window, True, "max_in_flight"),
+        (_batch.check_item_retries, -1, "item_retries"),
+        (_batch.check_max_failed, 1.5, "fraction"),
+        (_batch.check_max_failed, -2, "max_failed_items"),
+        (_batch.check_max_failed, "5", "max_failed_items"),
+    ],
+)
+def test_bad_parameters_name_the_field(check, value, needle):
+    with pytest.raises(SpeedPixConfigError, match=needle):
+        check(value)
+
+
+def test_failure_limit_count_and_fraction():
+    assert _batch.failure_limit(3, 100) == 3
+    assert _batch.failure_limit(0.05, 100) == 5
+    assert _batch.failure_limit(0.0, 100) == 0
+    assert _batch.failure_limit(1.0, 7) == 7
+
+
+# ---------------------------------------------------------------------- state machine
+def test_window_accounting_and_resume_threshold():
+    state = state_of(10, window=4)
+    for n in range(4):
+        item = state.next_to_submit()
+        assert item is not None and item.index == n
+        state.submitted(item.item_id, f"p{n}", "fp", 0.0)
+    assert state.next_to_submit() is None  # window full
+    assert state.resume_threshold() == 1  # ceil(4 * 0.25) with items still queued
+    state.succeeded("0", ["f"], 1.5)
+    counts = state.counts()
+    assert (counts.succeeded, counts.in_flight, counts.queued) == (1, 3, 6)
+    assert state.next_to_submit().index == 4
+
+
+def test_item_retries_then_failed_for_good():
+    state = state_of(1, retries=2)
+    for attempt in (1, 2, 3):
+        state.submitted("0", f"p{attempt}", "fp", 0.0)
+        retried = state.failed("0", "E", "boom")
+        assert retried is (attempt < 3)
+    assert state.states["0"].status == _batch.FAILED and state.states["0"].attempts == 3
+    assert state.counts().failed == 1 and state.all_done()
+
+
+def test_chunks_round_trip_and_changed_request_is_not_reused():
+    state = state_of(250)
+    state.submitted("5", "p5", "fp-5", 1.0)
+    state.succeeded("120", ["a.png"], 2.0)
+    assert state.dirty == {0, 1}
+    values = {chunk: state.chunk_value(chunk) for chunk in range(_batch.chunk_count(250))}
+    assert set(values) == {0, 1, 2} and values[2] == {"items": {}}
+    json.dumps(values)  # plain JSON for task_state_store
+
+    fresh = state_of(250)
+    fingerprints = {str(i): f"fp-{i}" for i in range(250)}
+    fingerprints["120"] = None  # the stored success had no fingerprint recorded: treated as another request
+    changed = []
+    for value in values.values():
+        changed += fresh.load_chunk(value, fingerprints, new_try=True)
+    assert fresh.states["5"].status == _batch.IN_FLIGHT and fresh.states["5"].prediction_id == "p5"
+    assert changed == []  # no prediction id on item 120: nothing to warn about
+    fingerprints["5"] = "fp-other"
+    again = state_of(250)
+    assert again.load_chunk(values[0], fingerprints, new_try=False) == ["5"]
+    assert again.states["5"].status == _batch.QUEUED  # submitted anew
+
+
+def test_new_try_resubmits_failed_but_reconnects_timed_out():
+    state = state_of(2)
+    state.submitted("0", "p0", "fp", 0.0)
+    state.failed("0", "E", "x")
+    state.submitted("1", "p1", "fp", 0.0)
+    state.timed_out("1", 10)
+    value = state.chunk_value(0)
+    fresh = state_of(2)
+    fresh.load_chunk(value, {"0": "fp", "1": "fp"}, new_try=True)
+    assert fresh.states["0"].status == _batch.QUEUED and fresh.states["0"].attempts == 0
+    assert fresh.states["1"].status == _batch.IN_FLIGHT and fresh.states["1"].prediction_id == "p1"
+    resumed = state_of(2)
+    resumed.load_chunk(value, {"0": "fp", "1": "fp"}, new_try=False)
+    assert resumed.states["0"].status == _batch.FAILED
+
+
+def test_manifest_rows_are_json_lines():
+    state = state_of(2, retries=0)
+    state.submitted("0", "p0", "fp", 0.0)
+    state.succeeded("0", ["/o/0/images.png"], 0.9)
+    state.submitted("1", "p1", "fp", 0.0)
+    state.failed("1", "WORKFLOW_EXECUTION_FAILED", "Node #7 failed")
+    rows = [json.loads(line) for line in state.manifest_bytes().decode().splitlines()]
+    assert rows[0] == {
+        "item_id": "0",
+        "prediction_id": "p0",
+        "status": "succeeded",
+        "files": ["/o/0/images.png"],
+        "run_seconds": 0.9,
+        "attempts": 1,
+        "error_code": None,
+        "message": None,
+    }
+    assert rows[1]["status"] == "failed" and rows[1]["error_code"] == "WORKFLOW_EXECUTION_FAILED"
+
+
+def test_backpressure_is_throttle_or_full_pool_only():
+    assert _batch.is_backpressure(SpeedPixThrottledError("t", operation="comfy_prompt", status_code=429))
+    full = SpeedPixAPIError("f", operation="comfy_prompt", error_code="ResourcePoolFull")
+    assert _batch.is_backpressure(full)
+    assert not _batch.is_backpressure(SpeedPixServerError("s", operation="comfy_prompt", status_code=500))
+    assert _batch.backoff_delay(1, 2.0) == 2.0 and _batch.backoff_delay(3, 2.0) == 8.0
+    assert _batch.backoff_delay(50, 2.0) == _batch.MAX_BACKOFF
+
+
+def test_progress_line_with_eta():
+    counts = _batch.Counts(total=100, succeeded=40, failed=2, in_flight=10, queued=48)
+    text = _batch.describe_counts(counts, started_at=0.0, done_at_start=0, now=42.0)
+    assert text == "42/100 done (2 failed), 10 in flight, 48 queued, ETA 58 s"
+
+
+# ---------------------------------------------------------------------- trigger
+class FakeHook:
+    """Answers from a script per prediction id: a status string, an exception, or a list of those."""
+
+    created = 0
+
+    def __init__(self, script: dict[str, Any]) -> None:
+        self.script = script
+        self.calls: list[str] = []
+        self.active = 0
+        self.peak = 0
+
+    def __call__(self, speedpix_conn_id: str) -> FakeHook:
+        return self
+
+    async def aget_prediction(self, prediction_id: str) -> Prediction:
+        self.calls.append(prediction_id)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0)
+        self.active -= 1
+        answer = self.script[prediction_id]
+        if isinstance(answer, list):
+            answer = answer.pop(0) if len(answer) > 1 else answer[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return Prediction(id=prediction_id, status=answer, eta_seconds=1.0)
+
+    def create_prediction(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - must not happen
+        FakeHook.created += 1
+        raise AssertionError("the trigger must never create")
+
+
+def run_trigger(monkeypatch, trigger: SpeedPixBatchTrigger, hook: FakeHook, clock: list[float]) -> list[dict]:
+    async def fake_sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(trigger_module, "SpeedPixHook", hook)
+    monkeypatch.setattr(trigger_module, "_sleep", fake_sleep)
+    monkeypatch.setattr(trigger_module.time, "time", lambda: clock[0])
+
+    async def drain() -> list[dict]:
+        return [event.payload async for event in trigger.run()]
+
+    return asyncio.run(asyncio.wait_for(drain(), 10))
+
+
+def test_trigger_fires_at_threshold_with_small_event(monkeypatch):
+    hook = FakeHook(
+        {
+            "a": ["running", "succeeded"],
+            "b": ["running", "running", "failed"],
+            "c": "running",
+            "d": ["running", "succeeded"],
+        }
+    )
+    trigger = SpeedPixBatchTrigger(["a", "b", "c", "d"], min_finished=2, poll_interval=1.0)
+    [event] = run_trigger(monkeypatch, trigger, hook, [1000.0])
+    assert event["status"] == "success"
+    assert event["finished"] == {"a": "succeeded", "d": "succeeded"}
+    assert event["pending"] == 2
+    assert "url" not in json.dumps(event)
+    assert FakeHook.created == 0
+
+
+def test_trigger_fires_when_all_finished_below_threshold_and_reports_lost(monkeypatch):
+    hook = FakeHook({"a": "succeeded", "b": SpeedPixNotFoundError("gone", operation="comfy_get_progress")})
+    [event] = run_trigger(monkeypatch, SpeedPixBatchTrigger(["a", "b"], min_finished=5), hook, [0.0])
+    assert event["finished"] == {"a": "succeeded", "b": "lost"}
+
+
+def test_trigger_wakes_at_wake_at_with_what_finished(monkeypatch):
+    clock = [1000.0]
+    hook = FakeHook({"a": "running", "b": "running"})
+    trigger = SpeedPixBatchTrigger(["a", "b"], min_finished=2, poll_interval=5.0, wake_at=1012.0)
+    [event] = run_trigger(monkeypatch, trigger, hook, clock)
+    assert event == {
+        "status": "success",
+        "finished": {},
+        "pending": 2,
+        "message": "0 of 2 predictions finished",
+    }
+    assert clock[0] == 1012.0  # never slept past the wake-up time
+
+
+def test_trigger_without_ids_just_waits_for_wake_at(monkeypatch):
+    clock = [0.0]
+    [event] = run_trigger(monkeypatch, SpeedPixBatchTrigger([], wake_at=30.0), FakeHook({}), clock)
+    assert event["finished"] == {} and clock[0] == 30.0
+
+
+def test_trigger_sits_out_transient_errors_then_gives_up(monkeypatch):
+    flaky = SpeedPixServerError("502", operation="comfy_get_progress", status_code=502)
+    hook = FakeHook({"a": [flaky, flaky, "succeeded"]})
+    [event] = run_trigger(monkeypatch, SpeedPixBatchTrigger(["a"], max_consecutive_errors=5), hook, [0.0])
+    assert event["finished"] == {"a": "succeeded"}
+    hook = FakeHook({"a": flaky})
+    [event] = run_trigger(monkeypatch, SpeedPixBatchTrigger(["a"], max_consecutive_errors=3), hook, [0.0])
+    assert event["status"] == "error" and "3 polling rounds" in event["message"]
+    assert len(hook.calls) == 3
+
+
+def test_trigger_polls_with_bounded_concurrency(monkeypatch):
+    ids = [f"p{i}" for i in range(50)]
+    hook = FakeHook(dict.fromkeys(ids, "succeeded"))
+    [event] = run_trigger(
+        monkeypatch, SpeedPixBatchTrigger(ids, min_finished=50, max_concurrency=7), hook, [0.0]
+    )
+    assert len(event["finished"]) == 50
+    assert hook.peak <= 7
+
+
+def test_trigger_serialize_round_trip_is_plain_json():
+    trigger = SpeedPixBatchTrigger(["a", "b"], min_finished=1, poll_interval=0.5, wake_at=1.5e9)
+    path, kwargs = trigger.serialize()
+    assert path == "airflow_provider_speedpix.triggers.batch.SpeedPixBatchTrigger"
+    again = SpeedPixBatchTrigger(**json.loads(json.dumps(kwargs)))
+    assert again.serialize() == (path, kwargs)
+    assert set(kwargs) == {
+        "prediction_ids",
+        "min_finished",
+        "speedpix_conn_id",
+        "poll_interval",
+        "max_poll_interval",
+        "wake_at",
+        "not_before",
+        "max_concurrency",
+        "max_consecutive_errors",
+    }
+
+
+def test_trigger_holds_its_event_until_not_before(monkeypatch):
+    """A deferral shorter than the scheduler's executor-event lag fails the try in Airflow 3.3."""
+    clock = [1000.0]
+    hook = FakeHook({"a": "succeeded", "b": ["running", "succeeded"]})
+    trigger = SpeedPixBatchTrigger(["a", "b"], min_finished=1, poll_interval=1.0, not_before=1010.0)
+    [event] = run_trigger(monkeypatch, trigger, hook, clock)
+    assert clock[0] >= 1010.0
+    assert event["finished"] == {"a": "succeeded", "b": "succeeded"}  # kept polling while holding
