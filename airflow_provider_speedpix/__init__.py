@@ -7,6 +7,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _MODULE = "airflow_provider_speedpix"
+#: SpeedPix's API reference (Alibaba Cloud help center), "Submit a workflow task - comfy_prompt"
+API_REFERENCE_URL = "https://help.aliyun.com/en/document_detail/2844525.html"
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -19,14 +21,25 @@ def get_provider_info() -> dict[str, Any]:
         "integrations": [
             {
                 "integration-name": "SpeedPix",
-                "external-doc-url": "https://help.aliyun.com/",
+                # the SpeedPix (AI Creation Workshop) API reference, starting at "Submit a workflow task"
+                "external-doc-url": API_REFERENCE_URL,
                 "tags": ["service"],
             }
         ],
         "hooks": [{"integration-name": "SpeedPix", "python-modules": [f"{_MODULE}.hooks.speedpix"]}],
-        "operators": [{"integration-name": "SpeedPix", "python-modules": [f"{_MODULE}.operators.speedpix"]}],
+        "operators": [
+            {
+                "integration-name": "SpeedPix",
+                "python-modules": [f"{_MODULE}.operators.speedpix", f"{_MODULE}.operators.batch"],
+            }
+        ],
         "sensors": [{"integration-name": "SpeedPix", "python-modules": [f"{_MODULE}.sensors.speedpix"]}],
-        "triggers": [{"integration-name": "SpeedPix", "python-modules": [f"{_MODULE}.triggers.speedpix"]}],
+        "triggers": [
+            {
+                "integration-name": "SpeedPix",
+                "python-modules": [f"{_MODULE}.triggers.speedpix", f"{_MODULE}.triggers.batch"],
+            }
+        ],
         "connection-types": [
             {
                 "connection-type": "speedpix",
@@ -39,30 +52,45 @@ def get_provider_info() -> dict[str, Any]:
                         "host": "https://openai.edu-aliyun.com",
                         "login": "app_key from the SpeedPix console",
                         "password": "app_secret",
+                        "resource_config_id": "empty: shared compute",
+                        "timeout": "30",
+                        "retry_limit": "5",
+                        "retry_delay": "1",
+                        "retry_max_delay": "30",
                     },
                 },
+                # No schema "default"s: Airflow 3.2+ pre-fills a field with its default and then saves it
+                # into `extra`, so an unchanged connection would stop following the provider's defaults.
+                # An empty field means the default, which each description states.
                 "conn-fields": {
                     "resource_config_id": {
                         "label": "Resource config ID",
-                        "description": "Dedicated compute to run on; empty means shared compute.",
+                        "description": "Dedicated compute to run on (from the SpeedPix console); several as "
+                        "`a,b` are tried in order. Empty: shared compute.",
                         "schema": {"type": ["string", "null"]},
                     },
                     "timeout": {
                         "label": "Request timeout (s)",
-                        "schema": {"type": ["number", "null"], "default": 30, "minimum": 1},
+                        "description": "Longest wait for one HTTP request, not for the whole prediction "
+                        "(that is the operator's `timeout`). Empty: 30.",
+                        "schema": {"type": ["number", "null"], "minimum": 1},
                     },
                     "retry_limit": {
                         "label": "Attempts per call",
-                        "description": "Transient failures (network, 5xx, throttling) are retried up to this.",
-                        "schema": {"type": ["integer", "null"], "default": 5, "minimum": 1},
+                        "description": "Transient failures (network, 5xx, throttling) are retried up to this "
+                        "many attempts in all. Empty: 5.",
+                        "schema": {"type": ["integer", "null"], "minimum": 1},
                     },
                     "retry_delay": {
                         "label": "First retry delay (s)",
-                        "schema": {"type": ["number", "null"], "default": 1, "minimum": 0},
+                        "description": "Wait before the first retry; it doubles on each retry, with jitter. "
+                        "Empty: 1.",
+                        "schema": {"type": ["number", "null"], "minimum": 0},
                     },
                     "retry_max_delay": {
                         "label": "Longest retry delay (s)",
-                        "schema": {"type": ["number", "null"], "default": 30, "minimum": 0},
+                        "description": "Cap on the wait between two retries. Empty: 30.",
+                        "schema": {"type": ["number", "null"], "minimum": 0},
                     },
                 },
             }

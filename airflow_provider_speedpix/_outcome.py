@@ -13,6 +13,7 @@ from airflow_provider_speedpix._protocol import (
     iso,
     parse_datetime,
     parse_images,
+    without_signatures,
 )
 from airflow_provider_speedpix.exceptions import (
     SpeedPixConfigError,
@@ -65,15 +66,16 @@ FINISHED_EVENT_FIELDS = ("prediction_id", "prediction_status", "output")
 
 
 def prediction_event(prediction: Prediction) -> dict[str, Any]:
-    """The terminal event for a finished prediction (plain JSON): everything the operator needs to finish
-    without another API call (outputs, default images, timing). Its keys include
-    :data:`FINISHED_EVENT_FIELDS`, which :func:`check_event` requires of a ``success`` event."""
+    """The terminal event for a finished prediction (plain JSON): outputs, default images and timing, with
+    every output URL's signature removed (Airflow logs and stores events whole; the worker reads fresh
+    signed URLs when it downloads). Its keys include :data:`FINISHED_EVENT_FIELDS`, which
+    :func:`check_event` requires of a ``success`` event."""
     return {
         "status": "success" if prediction.succeeded else "failed",
         "prediction_id": prediction.id,
         "prediction_status": prediction.status,
-        "output": prediction.output,
-        "images": list(prediction.images),
+        "output": without_signatures(prediction.output),
+        "images": without_signatures(list(prediction.images)),
         "run_seconds": prediction.run_seconds,
         "started_at": iso(prediction.started_at),
         "finished_at": iso(prediction.finished_at),

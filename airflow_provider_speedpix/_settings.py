@@ -170,7 +170,10 @@ def connection_form_widgets() -> dict[str, Any]:
 
     field_types = {"string": StringField, "integer": IntegerField, "number": FloatField}
     widgets = {}
-    for name, spec in connection_type()["conn-fields"].items():
+    declared = connection_type()
+    placeholders = declared["ui-field-behaviour"].get("placeholders", {})
+    # No field has a default value: a pre-filled default would be saved into `extra` and pin it there.
+    for name, spec in declared["conn-fields"].items():
         schema = spec["schema"]
         kind = next(t for t in schema["type"] if t != "null")
         validators = [Optional()]
@@ -181,5 +184,6 @@ def connection_form_widgets() -> dict[str, Any]:
             description=spec.get("description", ""),
             validators=validators,
             default=schema.get("default"),
+            render_kw={"placeholder": placeholders[name]} if name in placeholders else None,
         )
     return widgets

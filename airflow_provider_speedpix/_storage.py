@@ -27,7 +27,7 @@ from airflow_provider_speedpix._inputs import (
     is_file_object,
     is_object_storage_path,
 )
-from airflow_provider_speedpix._protocol import UploadedFile
+from airflow_provider_speedpix._protocol import UploadedFile, unsigned_url
 from airflow_provider_speedpix._retry import retryable_status
 from airflow_provider_speedpix._settings import SpeedPixSettings
 from airflow_provider_speedpix._transport import CHUNK, requests_error
@@ -52,8 +52,7 @@ def safe_filename(name: str, fallback: str = "output") -> str:
 
 def url_for_log(url: str) -> str:
     """Scheme, host and path only: query strings of storage URLs are credentials."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return unsigned_url(url)
 
 
 def _xml_code(text: str) -> str:

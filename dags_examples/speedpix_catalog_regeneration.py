@@ -31,6 +31,7 @@ with DAG(
     params={"products_csv": DEFAULT_CSV},
     max_active_tasks=256,
     tags=["speedpix", "example"],
+    doc_md=__doc__,  # shown on the DAG's page in the Airflow UI
 ) as dag:
 
     @task

@@ -19,6 +19,7 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     tags=["speedpix", "example"],
+    doc_md=__doc__,  # shown on the DAG's page in the Airflow UI
 ) as dag:
     submit = SpeedPixRunOperator(
         task_id="submit",

@@ -3,6 +3,8 @@
 Needs a ``speedpix_default`` connection (or SPEEDPIX_APP_KEY / SPEEDPIX_APP_SECRET). The workflow id comes
 from the Airflow Variable ``speedpix_workflow_id``; the output lands under ``SPEEDPIX_OUTPUT_DIR``
 (``/tmp/speedpix-output`` by default), one folder per run.
+
+The saved image shows in the Airflow UI: the DAG run's **SpeedPix images** tab (docs/gallery.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     tags=["speedpix", "example"],
+    doc_md=__doc__,  # shown on the DAG's page in the Airflow UI
 ) as dag:
     SpeedPixRunOperator(
         task_id="white_background",

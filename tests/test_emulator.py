@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import urllib.parse
 import zlib
 
 import httpx
@@ -29,6 +30,7 @@ from airflow_provider_speedpix.emulator.backend import NODES
 from airflow_provider_speedpix.emulator.faults import Fault
 from airflow_provider_speedpix.emulator.png import PNG_SIGNATURE, make_png
 from airflow_provider_speedpix.emulator.server import EmulatorServer, RedactUploadTokens
+from airflow_provider_speedpix.emulator.storage import sign_output
 from tests.emulator_fixture import EMULATOR_APP_KEY, EMULATOR_APP_SECRET, EMULATOR_DURATION, signed_post
 
 PROMPT = "/scc/comfy_prompt"
@@ -267,8 +269,9 @@ def test_result_of_succeeded_task(clocked):
     url = f"{emulator.url}/_emulator/files/outputs/{task_id}/output.png"
     assert data["taskId"] == task_id
     assert data["status"] == "succeeded"
-    assert data["result"]["images"] == {"url": url}
-    assert data["images"] == [url]
+    signed = data["result"]["images"]["url"]
+    assert unsigned(signed) == url and "Signature=" in signed
+    assert data["images"] == [signed]
     assert isinstance(data["info"], dict)
     for extra in ("subject_image", "mask_image"):
         r = requests.get(data["result"][extra]["url"], timeout=5)
@@ -304,6 +307,90 @@ def test_output_png_is_valid(clocked):
     assert raw[:4] == b"\x00\xff\xff\xff"
     assert b"\x80\x80\x80" in raw  # the grey square
     assert requests.get(url, timeout=5).content == png  # deterministic
+
+
+def unsigned(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+def test_output_urls_are_signed_and_expire(clocked):
+    """Output URLs are pre-signed like a private bucket's: valid as handed out, refused without, with a
+    changed signature or expiry, and after they expire."""
+    emulator = clocked
+    task_id = create(emulator)["data"]["taskId"]
+    finish(emulator, task_id)
+    url = result_data(emulator, task_id)["images"][0]
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    assert set(query) == {"Expires", "Signature"}
+    assert int(query["Expires"]) - emulator.clock.time() == pytest.approx(3600, abs=2)
+    assert result_data(emulator, task_id)["images"][0] == url  # stable while valid
+    assert requests.get(url, timeout=5).status_code == 200
+    bare = unsigned(url)
+    refused = requests.get(bare, timeout=5)
+    assert refused.status_code == 403 and "<Code>AccessDenied</Code>" in refused.text
+    forged = url.replace(query["Signature"], "x" + query["Signature"][1:])
+    assert "SignatureDoesNotMatch" in requests.get(forged, timeout=5).text
+    longer = url.replace(query["Expires"], str(int(query["Expires"]) + 3600))
+    assert requests.get(longer, timeout=5).status_code == 403  # the expiry is signed too
+    # a correctly signed URL whose time is up (the shared clock is not moved: other tests sign with it)
+    config = emulator.app.state.emulator.config
+    past = int(emulator.clock.time()) - 1
+    key = f"outputs/{task_id}/output.png"
+    expired_url = f"{bare}?Expires={past}&Signature={sign_output(config, key, past)}"
+    expired = requests.get(expired_url, timeout=5)
+    assert expired.status_code == 403 and "Request has expired" in expired.text
+
+
+def test_output_is_derived_from_the_input_image(clocked):
+    """The sample workflow puts the uploaded product on white: its background (the border colour of
+    product.png) becomes white, the product's pixels stay; the mask is the product's silhouette."""
+    from airflow_provider_speedpix import _png
+    from tests.conftest import ROOT
+
+    emulator = clocked
+    product = (ROOT / "dags_examples" / "data" / "product.png").read_bytes()
+    sign = signed_post(
+        emulator,
+        "/scc/sp_create_temp_file_upload_sign",
+        {"contentType": "image/png", "originalFilename": "p.png"},
+    ).json()["data"]
+    assert requests.put(sign["uploadUrl"], data=product, headers={"Content-Type": "image/png"}, timeout=5).ok
+    task_id = create(emulator, inputs={"image": sign["accessUrl"]}, return_temp_files=True)["data"]["taskId"]
+    finish(emulator, task_id)
+    result = result_data(emulator, task_id)["result"]
+    source = _png.decode(product)
+    output = _png.decode(requests.get(result["images"]["url"], timeout=5).content)
+    mask = _png.decode(requests.get(result["mask_image"]["url"], timeout=5).content)
+    assert (output.width, output.height) == (source.width, source.height)
+    background = source.pixel(0, 0)
+    assert background[:3] != (255, 255, 255)
+    centre = (source.width // 2, source.height // 2)
+    assert output.pixel(0, 0) == (255, 255, 255, 255)  # background -> white
+    assert output.pixel(*centre) == source.pixel(*centre)  # the product is kept
+    assert mask.pixel(0, 0)[:3] == (0, 0, 0) and mask.pixel(*centre)[:3] == (255, 255, 255)
+    changed = sum(
+        output.pixel(x, y) != source.pixel(x, y) for x in range(0, 128, 4) for y in range(0, 128, 4)
+    )
+    assert 0 < changed < 32 * 32
+
+
+def test_output_from_base64_input_and_fallbacks():
+    """A data URI input is used too; an input that is not a decodable PNG gets the generated image."""
+    import base64
+
+    from airflow_provider_speedpix import _png
+    from airflow_provider_speedpix.emulator.png import derived_png, output_png
+
+    small = make_png(16, 16, background=(10, 200, 10), square=(200, 10, 10))
+    derived = _png.decode(derived_png(small))
+    assert (derived.width, derived.height) == (64, 64)  # small inputs are enlarged to 64 px
+    assert derived.pixel(0, 0) == (255, 255, 255, 255) and derived.pixel(32, 32)[:3] == (200, 10, 10)
+    assert output_png("t", "output", b"not a png") == output_png("t", "output")
+    interlaced = bytearray(small)
+    ihdr = interlaced.index(b"IHDR") + 4
+    interlaced[ihdr + 12] = 1  # interlace flag (CRC now wrong too): not decodable -> fallback
+    assert output_png("t2", "output", bytes(interlaced)) == output_png("t2", "output")
+    assert base64.b64encode(small)  # (data URIs go through Storage.input_image, tested end to end)
 
 
 def test_make_png_sizes():
@@ -803,7 +890,10 @@ def test_images_only_workflow_has_outputs_only_in_images(make_emulator):
         parse_png(r.content)
     assert pngs[0] != pngs[1]
     # the sample workflow's own output URL does not exist for it
-    assert requests.get(data["images"][0].replace("ComfyUI_00001_", "output"), timeout=5).status_code == 404
+    assert (
+        requests.get(unsigned(data["images"][0]).replace("ComfyUI_00001_", "output"), timeout=5).status_code
+        == 404
+    )
     # other workflows keep their custom outputs (and the first default image)
     normal = create(emu)["data"]["taskId"]
     finish(emu, normal)

@@ -72,3 +72,15 @@ def test_a_failed_event_for_this_prediction_still_raises_the_failure():
     event = prediction_event(Prediction(id="p-1", status="failed", error="boom", error_code="E1"))
     with pytest.raises(SpeedPixPredictionFailed):
         raise_for_event(event, prediction_id="p-1")
+
+
+def test_the_event_carries_no_output_url_signature():
+    """Airflow logs and stores trigger events whole: signed output URLs stay out of them."""
+    from airflow_provider_speedpix._outcome import prediction_event
+
+    signed = "http://h/_emulator/files/outputs/p/output.png?Expires=9&Signature=s3cret"
+    event = prediction_event(
+        Prediction(id="p", status="succeeded", output={"images": {"url": signed}}, images=[signed])
+    )
+    assert "s3cret" not in repr(event) and "?" not in repr(event)
+    assert event["output"] == {"images": {"url": "http://h/_emulator/files/outputs/p/output.png"}}

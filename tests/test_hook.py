@@ -9,11 +9,12 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from airflow_provider_speedpix._inputs import BASE64_LIMIT
-from airflow_provider_speedpix._protocol import Prediction, UploadedFile
+from airflow_provider_speedpix._protocol import Prediction, UploadedFile, without_signatures
 from airflow_provider_speedpix.exceptions import (
     SpeedPixAuthError,
     SpeedPixConfigError,
@@ -194,8 +195,28 @@ def test_resource_config_id_defaults_to_default(hook, emulator):
 def test_test_connection_good(hook, emulator):
     ok, message = hook.test_connection()
     assert ok is True
-    assert emulator.url in message
+    assert message == f"Connected to SpeedPix at {emulator.url}: the credentials were accepted."
     assert emulator.stats()["predictions"] == 0  # the probe never creates anything
+
+
+INTERNAL_NAMES = ("comfy_", "sp_create", "TaskNotFound", "probe", "airflow-connection-test")
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("503", "answered with a server error (HTTP 503"),
+        ("429", "is throttling requests right now"),
+        ("malformed", "answered, but not as SpeedPix does. Check the Endpoint"),
+    ],
+)
+def test_test_connection_failures_in_the_users_words(emulator, monkeypatch, kind, expected):
+    set_connection(monkeypatch, emulator, extra={"retry_limit": 1})
+    emulator.inject("comfy_get_progress", kind, times=5)
+    ok, message = SpeedPixHook().test_connection()
+    assert ok is False
+    assert expected in message
+    assert not [name for name in INTERNAL_NAMES if name in message], message
 
 
 def test_test_connection_wrong_secret(emulator, monkeypatch):
@@ -204,6 +225,8 @@ def test_test_connection_wrong_secret(emulator, monkeypatch):
     assert ok is False
     assert "App Key" in message and "App Secret" in message
     assert "I400SG" in message
+    assert message.startswith(f"SpeedPix at {emulator.url} rejected the credentials (HTTP 400, I400SG")
+    assert not [name for name in INTERNAL_NAMES if name in message], message
     assert "wrong-secret-value" not in message
     assert emulator.app_secret not in message
     assert emulator.stats()["rejected"] == {"I400SG": 1}
@@ -220,7 +243,8 @@ def test_test_connection_unreachable(emulator, monkeypatch):
     set_connection(monkeypatch, emulator, host="http://127.0.0.1:1", extra={"retry_limit": 1})
     ok, message = SpeedPixHook().test_connection()
     assert ok is False
-    assert "127.0.0.1:1" in message
+    assert message.startswith("Could not reach SpeedPix at http://127.0.0.1:1.")
+    assert not [name for name in INTERNAL_NAMES if name in message], message
 
 
 def test_test_connection_bad_config(monkeypatch):
@@ -229,6 +253,40 @@ def test_test_connection_bad_config(monkeypatch):
     ok, message = SpeedPixHook().test_connection()
     assert ok is False
     assert "SPEEDPIX_APP_KEY" in message
+
+
+def test_connection_form_prefills_no_defaults_and_explains_every_extra():
+    """Airflow 3.3's connection form (``ProvidersManager`` -> the UI's ``hook_meta``) pre-fills a field
+    with its schema default and then saves it into ``extra``; ours have none, so a connection saved
+    unchanged keeps following the provider's defaults. Every extra has help text naming its default."""
+    from airflow.providers_manager import ProvidersManager
+
+    from airflow_provider_speedpix import _settings
+
+    widgets = {
+        name.split("__")[-1]: info.field
+        for name, info in ProvidersManager().connection_form_widgets.items()
+        if name.startswith("extra__speedpix__")
+    }
+    assert set(widgets) == {"resource_config_id", "timeout", "retry_limit", "retry_delay", "retry_max_delay"}
+    for name, field in widgets.items():
+        assert field["value"] is None, name
+        assert "default" not in field["schema"], name
+        assert field["description"], name
+    defaults = {
+        "timeout": _settings.REQUEST_TIMEOUT,
+        "retry_limit": _settings.DEFAULT_RETRY_LIMIT,
+        "retry_delay": _settings.DEFAULT_RETRY_DELAY,
+        "retry_max_delay": _settings.DEFAULT_RETRY_MAX_DELAY,
+    }
+    for name, default in defaults.items():
+        assert widgets[name]["description"].endswith(f"Empty: {default:g}."), name
+    # an extra saved as the form leaves it (empty values) means the provider's defaults
+    saved = {name: None for name in widgets}
+    settings = _settings.settings_from(host=None, login="k", password="s", extra=saved, source="test")
+    assert (settings.timeout, settings.retry_limit, settings.retry_delay, settings.retry_max_delay) == (
+        tuple(defaults.values())
+    )
 
 
 # ---------------------------------------------------------------- upload_file
@@ -484,7 +542,7 @@ def test_get_prediction_succeeded(clocked):
     assert done.succeeded and done.finished
     assert (done.progress, done.percent) == (1, 100)
     assert set(done.output) == {"images", "subject_image", "mask_image"}
-    assert done.output["images"]["url"].endswith(f"/{prediction.id}/output.png")
+    assert urlsplit(done.output["images"]["url"]).path.endswith(f"/{prediction.id}/output.png")
     assert done.images == [done.output["images"]["url"]]
     assert done.run_seconds == 0.9
     begin_ms = round((created_wall + 0.1) * 1000)
@@ -549,9 +607,10 @@ def test_wait_for_prediction_success(hook, emulator):
     done = hook.wait_for_prediction(prediction.id, poll_interval=0.05, timeout=10, on_update=seen.append)
     assert time.monotonic() - started < 5
     assert done.succeeded
-    assert done.output == {
+    assert without_signatures(done.output) == {
         "images": {"url": f"{emulator.url}/_emulator/files/outputs/{prediction.id}/output.png"}
     }
+    assert "Signature=" in done.output["images"]["url"]  # the hook hands signed URLs to its caller
     assert seen[-1] is done
     assert [p.status for p in seen[:-1]] and all(not p.finished for p in seen[:-1])
     assert emulator.stats()["calls"]["comfy_get_result"] == 1

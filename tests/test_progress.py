@@ -9,6 +9,7 @@ import asyncio
 import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -96,7 +97,10 @@ def test_images_only_workflow_output_and_timing(emu, path):
     done = get(path, prediction_id)
     assert done.succeeded and (done.progress, done.percent) == (1, 100)
     assert done.output is None
-    assert [url.rsplit("/", 1)[-1] for url in done.images] == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]
+    assert [urlsplit(url).path.rsplit("/", 1)[-1] for url in done.images] == [
+        "ComfyUI_00001_.png",
+        "ComfyUI_00002_.png",
+    ]
     assert all(url.startswith(f"{emu.url}/_emulator/files/outputs/{prediction_id}/") for url in done.images)
     assert done.output_or_images == {"images": done.images}
     assert done.run_seconds == 0.9
@@ -147,7 +151,10 @@ def test_trigger_event_and_log_carry_every_new_field(emu, monkeypatch, capsys):
     event = asyncio.run(one_event())
     assert event["status"] == "success"
     assert event["output"] is None
-    assert [url.rsplit("/", 1)[-1] for url in event["images"]] == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]
+    assert [urlsplit(url).path.rsplit("/", 1)[-1] for url in event["images"]] == [
+        "ComfyUI_00001_.png",
+        "ComfyUI_00002_.png",
+    ]
     assert event["run_seconds"] == 0.9
     # queued behind two 2 s tasks (each 0.2 s dispatch + 1.8 s running): starts at 0.2 + 1.8 + 1.8 = 3.8 s
     begin_ms = round((created_wall + 3.8) * 1000)

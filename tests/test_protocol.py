@@ -664,3 +664,21 @@ def test_poll_delay_uses_estimate_minus_elapsed_before_progress():
 def test_poll_delay_never_below_poll_interval():
     pred = Prediction(id="t", status="running", eta_seconds=5)
     assert next_poll_delay(pred, poll_interval=2, max_interval=0.5) == 2
+
+
+def test_without_signatures_drops_every_url_query_and_user_info_but_keeps_text():
+    from airflow_provider_speedpix._protocol import unsigned_url, without_signatures
+
+    signed = "https://oss.example/outputs/a.png?Expires=1&Signature=s3cret"
+    value = {
+        "images": {"url": signed},
+        "gallery": [signed, "https://u:p@h/b.jpg?x=1#frag", "a prompt? with a question"],
+        "n": 3,
+    }
+    assert without_signatures(value) == {
+        "images": {"url": "https://oss.example/outputs/a.png"},
+        "gallery": ["https://oss.example/outputs/a.png", "https://h/b.jpg", "a prompt? with a question"],
+        "n": 3,
+    }
+    assert unsigned_url(signed) == "https://oss.example/outputs/a.png"
+    assert "s3cret" not in repr(without_signatures([value, (signed,)]))

@@ -6,7 +6,8 @@ failing workflow, a gateway authentication failure, fire-and-forget + sensor and
 signature the signer produces and every pre-signed upload URL the API hands out is recorded while it
 happens; then the captured task/trigger output, the log files, every row of the metadata database
 (XComs, rendered template fields, trigger kwargs, task instances...), the raw files under AIRFLOW_HOME,
-the exception chains and the emulator's own log are searched for all of them. Each scanner is shown to
+the exception chains and the emulator's own log are searched for all of them, and for the query strings
+of the pre-signed output URLs the emulator hands out (``?Expires=..&Signature=..``, as OSS signs them). Each scanner is shown to
 find a planted needle, so a clean result means something.
 """
 
@@ -30,6 +31,7 @@ import pytest
 from airflow_provider_speedpix import _protocol, _signing
 from airflow_provider_speedpix.emulator import app as emulator_app
 from airflow_provider_speedpix.emulator.app import EmulatorConfig
+from airflow_provider_speedpix.emulator.backend import Backend
 from airflow_provider_speedpix.emulator.server import EmulatorServer
 from airflow_provider_speedpix.exceptions import (
     SpeedPixAuthError,
@@ -118,11 +120,13 @@ def leak_conn(speedpix_conn, leak_emulator, emulator_log, monkeypatch) -> Emulat
 class Recorder:
     signatures: list[str] = field(default_factory=list)
     upload_urls: list[str] = field(default_factory=list)
+    #: pre-signed output URLs the emulator handed out (``?Expires=..&Signature=..``, like OSS's)
+    output_urls: list[str] = field(default_factory=list)
 
-    def tokens(self) -> list[str]:
+    def tokens(self, urls: list[str] | None = None) -> list[str]:
         return [
             value
-            for url in self.upload_urls
+            for url in (self.upload_urls if urls is None else urls)
             for key, value in urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)
             if key.lower() == "signature"
         ]
@@ -134,6 +138,10 @@ class Recorder:
         for i, url in enumerate(self.upload_urls):
             found[f"upload URL query #{i}"] = urllib.parse.urlsplit(url).query
         found.update({f"upload Signature= token #{i}": token for i, token in enumerate(self.tokens())})
+        for i, url in enumerate(dict.fromkeys(self.output_urls)):
+            found[f"output URL query #{i}"] = urllib.parse.urlsplit(url).query
+        for i, token in enumerate(dict.fromkeys(self.tokens(self.output_urls))):
+            found[f"output Signature= token #{i}"] = token
         # the same values URL-encoded (a signature has '+', '/' and '=')
         for name, value in list(found.items()):
             quoted = urllib.parse.quote(value, safe="")
@@ -162,6 +170,15 @@ def recorder(monkeypatch) -> Recorder:
     monkeypatch.setattr(_signing, "compute_signature", compute_signature)
     monkeypatch.setattr(emulator_app, "compute_signature", compute_signature)
     monkeypatch.setattr(_protocol, "parse_upload_sign", parse_upload_sign)
+
+    real_output_url = Backend.output_url
+
+    def output_url(self, task_id: str, variant: str = "output") -> str:
+        url = real_output_url(self, task_id, variant)
+        rec.output_urls.append(url)
+        return url
+
+    monkeypatch.setattr(Backend, "output_url", output_url)
     return rec
 
 
@@ -284,11 +301,17 @@ def test_scanners_find_planted_needles(tmp_path, emulator_log, recorder):
     planted = "SeCrEt-PLANTED-" + uuid.uuid4().hex
     recorder.signatures.append("planted/Signature+value=")
     recorder.upload_urls.append("http://h/_emulator/upload/k?Expires=1&Signature=PlantedToken123")
+    recorder.output_urls.append("http://h/_emulator/files/outputs/t/output.png?Expires=2&Signature=OutTok456")
     needles = recorder.needles(planted)
 
     assert scan_text(needles, f"log line {planted} end", "x") == ["needle 0 found in x"]
     assert scan_text(needles, "a=planted%2FSignature%2Bvalue%3D", "x")  # the url-encoded form
     assert scan_text(needles, "PUT /k?Expires=1&Signature=PlantedToken123", "x")
+    assert scan_text(needles, '{"url": "http://h/o.png?Expires=2&Signature=OutTok456"}', "x") == [
+        "output URL query #0 found in x",
+        "output Signature= token #0 found in x",
+    ]
+    assert scan_text(needles, "saved http://h/_emulator/files/outputs/t/output.png", "x") == []
 
     engine = sa.create_engine("sqlite://")
     with engine.begin() as connection:

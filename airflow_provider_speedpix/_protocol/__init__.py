@@ -13,6 +13,8 @@ from airflow_provider_speedpix._protocol.prediction import (
     parse_images,
     parse_node_state,
     parse_progress,
+    unsigned_url,
+    without_signatures,
 )
 from airflow_provider_speedpix._protocol.wire import (
     CREATE,
@@ -63,4 +65,6 @@ __all__ = [
     "parse_progress",
     "parse_upload_sign",
     "read_envelope",
+    "unsigned_url",
+    "without_signatures",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -361,3 +362,26 @@ def iter_prediction_urls(output: Any, images: Any = ()) -> list[OutputURL]:
             seen.add(url)
             found.append(OutputURL((index,), url, "images"))
     return found
+
+
+def unsigned_url(url: str) -> str:
+    """Scheme, host and path of ``url``: its query string (a storage URL's signature) and any user info
+    dropped. What may be logged, stored in XCom or put in a trigger event."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else url.partition("?")[0]
+
+
+def without_signatures(value: Any) -> Any:
+    """``value`` with every http(s) URL in it (nested in dicts and lists) replaced by :func:`unsigned_url`.
+
+    Output URLs are temporary signed storage URLs: the signature is a credential for its lifetime, so it
+    never goes where Airflow keeps or shows things (events, XCom, logs). The worker downloads with fresh
+    URLs it reads from the API (``docs/operators.md``, "Output URLs")."""
+    if isinstance(value, str):
+        return unsigned_url(value) if value.startswith(("http://", "https://")) else value
+    if isinstance(value, Mapping):
+        return {k: without_signatures(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_signatures(v) for v in value]
+    return value

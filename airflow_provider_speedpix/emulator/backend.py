@@ -26,11 +26,12 @@ import math
 import random
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .clock import Clock
 from .config import EmulatorConfig
+from .storage import OUTPUT_URL_TTL_S, sign_output
 from .wire import envelope, envelope_error, invalid_parameter
 
 #: share of a task's duration spent waiting for dispatch before it runs
@@ -69,6 +70,8 @@ class Task:
     version_id: str | None = None
     resource_config_id: str | None = None  # the header as sent
     pool: str = SHARED_POOL  # the pool it runs on
+    #: signed output URLs handed out, per variant, reused until they expire: (url, expires)
+    signed_urls: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def status(self, now: float) -> str:
         if now >= self.end:
@@ -172,12 +175,28 @@ class Backend:
         return float(self.config.duration)
 
     def output_url(self, task_id: str, variant: str = "output") -> str:
-        return f"{self.config.public_url}/_emulator/files/outputs/{task_id}/{variant}.png"
+        """A pre-signed URL (``?Expires=..&Signature=..``), valid for ``OUTPUT_URL_TTL_S`` seconds, as OSS
+        hands out for private buckets; the same URL again until it expires."""
+        task = self.tasks.get(task_id)
+        now = self.clock.time()
+        cached = task.signed_urls.get(variant) if task is not None else None
+        if cached is not None and now < cached[1] - 60:
+            return cached[0]
+        key = f"outputs/{task_id}/{variant}.png"
+        expires = int(now + OUTPUT_URL_TTL_S)
+        url = f"{self.config.public_url}/_emulator/files/{key}?Expires={expires}&Signature="
+        url += sign_output(self.config, key, expires)
+        if task is not None:
+            task.signed_urls[variant] = (url, expires)
+        return url
 
-    def output_available(self, task_id: str, variant: str) -> bool:
+    def output_available(self, task_id: str, variant: str) -> Task | None:
+        """The task whose output ``variant`` can be served now, else None."""
         task = self.tasks.get(task_id)
         now = self.clock.monotonic()
-        return task is not None and task.status(now) == "succeeded" and variant in task.output_names()
+        if task is not None and task.status(now) == "succeeded" and variant in task.output_names():
+            return task
+        return None
 
     # -- operations ------------------------------------------------------------------------------------
 

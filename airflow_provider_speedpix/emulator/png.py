@@ -1,8 +1,12 @@
-"""A real, deterministic PNG built with ``zlib`` and ``struct`` only (no Pillow).
+"""The emulator's output images, built with ``zlib`` and ``struct`` only (no Pillow).
 
-The emulator's "workflow outputs" are these images: valid signature, ``IHDR``/``IDAT``/``IEND`` chunks with
-correct CRCs, 8-bit RGB, filter type 0 on every row, so any decoder (and ``zlib.decompress`` of the
-``IDAT`` payload) accepts them.
+The sample workflow is "put the product on a white background", and its output is derived from the input
+image so a person can check it against the input: the input's background (the colour of its border) is
+replaced by white and the product kept (``output`` / ``subject_image``), ``mask_image`` is the product's
+silhouette, and the two default images of an images-only workflow are the product on white and its mirror
+image. Inputs the codec (:mod:`airflow_provider_speedpix._png`) cannot decode, and tasks without an image
+input, get the generated image instead: a ``background`` canvas with a ``square``, valid signature,
+``IHDR``/``IDAT``/``IEND`` chunks with correct CRCs, 8-bit RGB, filter type 0 on every row.
 """
 
 from __future__ import annotations
@@ -11,6 +15,13 @@ import functools
 import hashlib
 import struct
 import zlib
+
+from airflow_provider_speedpix import _png
+
+#: outputs are at least this many pixels on their longer side (small inputs are enlarged by a whole factor)
+MIN_OUTPUT_SIDE = 64
+#: colour distance (sum over R, G, B) under which a pixel counts as the background
+BACKGROUND_TOLERANCE = 60
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -59,8 +70,14 @@ def make_png(
 
 
 @functools.lru_cache(maxsize=256)
-def output_png(task_id: str, variant: str = "output") -> bytes:
-    """The (cached) image served for ``outputs/<task_id>/<variant>.png``."""
+def output_png(task_id: str, variant: str = "output", source: bytes | None = None) -> bytes:
+    """The (cached) image served for ``outputs/<task_id>/<variant>.png``: derived from ``source`` (the
+    task's input image) when it decodes, else the generated image."""
+    if source is not None:
+        try:
+            return derived_png(source, variant)
+        except _png.PNGError:
+            pass
     if variant == "mask_image":
         return make_png(background=(0, 0, 0), square=(255, 255, 255), seed=task_id)
     if variant == "subject_image":
@@ -97,3 +114,47 @@ def parse_png(data: bytes) -> dict:
         raise ValueError(f"bad chunk layout: {chunks!r}")
     raw = zlib.decompress(idat)
     return {**header, "chunks": [c.decode("ascii") for c in chunks], "raw": raw}
+
+
+def _background(image: _png.Image) -> tuple[int, int, int]:
+    """The input's background colour: the most common colour of its border pixels (on white)."""
+    counts: dict[tuple[int, int, int], int] = {}
+    w, h = image.width, image.height
+    border = [(x, y) for x in range(w) for y in (0, h - 1)] + [(x, y) for y in range(h) for x in (0, w - 1)]
+    for x, y in border:
+        r, g, b, a = image.pixel(x, y)
+        key = (
+            (r * a + 255 * (255 - a)) // 255,
+            (g * a + 255 * (255 - a)) // 255,
+            (b * a + 255 * (255 - a)) // 255,
+        )
+        counts[key] = counts.get(key, 0) + 1
+    return max(counts, key=lambda k: counts[k])
+
+
+def derived_png(source: bytes, variant: str = "output") -> bytes:
+    """``source`` with its background replaced by white (``mask_image``: the product white on black;
+    ``ComfyUI_00002_``: mirrored). Raises :class:`~airflow_provider_speedpix._png.PNGError` for inputs
+    the codec does not decode."""
+    image = _png.decode(source, max_pixels=2048 * 2048)
+    w, h = image.width, image.height
+    rgb = bytearray(_png.on_white(image))
+    bg = _background(image)
+    for i in range(w * h):
+        r, g, b = rgb[3 * i : 3 * i + 3]
+        is_bg = abs(r - bg[0]) + abs(g - bg[1]) + abs(b - bg[2]) <= BACKGROUND_TOLERANCE
+        if variant == "mask_image":
+            rgb[3 * i : 3 * i + 3] = b"\x00\x00\x00" if is_bg else b"\xff\xff\xff"
+        elif is_bg:
+            rgb[3 * i : 3 * i + 3] = b"\xff\xff\xff"
+    if variant == "ComfyUI_00002_":
+        rows = [rgb[3 * w * y : 3 * w * (y + 1)] for y in range(h)]
+        rgb = bytearray(
+            b"".join(b"".join(bytes(row[3 * x : 3 * x + 3]) for x in reversed(range(w))) for row in rows)
+        )
+    factor = -(-MIN_OUTPUT_SIDE // max(w, h)) if max(w, h) < MIN_OUTPUT_SIDE else 1
+    if factor > 1:
+        return _png.encode_rgb(
+            w * factor, h * factor, _png.scale_rgb(bytes(rgb), w, h, w * factor, h * factor)
+        )
+    return _png.encode_rgb(w, h, bytes(rgb))

@@ -31,6 +31,7 @@ from airflow_provider_speedpix._protocol import (
     Prediction,
     check_workflow_reference,
     iso,
+    without_signatures,
 )
 from airflow_provider_speedpix.exceptions import (
     SpeedPixConfigError,
@@ -213,7 +214,8 @@ class SpeedPixRunOperator(BaseOperator):
         deferred_prediction_id: str | None = None,
     ) -> Any:
         """Resume on the worker after the trigger fired: check the event, download, return. The event
-        carries outputs, default images and timing, so no API call is needed."""
+        carries outputs (unsigned), default images and timing; only a download reads the result again, for
+        fresh signed URLs."""
         store = context.get("task_state_store")
         saved = store.get(STATE_KEY) if store is not None else None
         self._state = saved if isinstance(saved, dict) else {}
@@ -224,7 +226,12 @@ class SpeedPixRunOperator(BaseOperator):
         if event["status"] == "failed":
             self._report(prediction_from_event(event))
         event = raise_for_event(event, timeout=self.timeout)
-        return self._finish(context, prediction_from_event(event))
+        prediction = prediction_from_event(event)
+        if self.output_dir and (prediction.output is not None or prediction.images):
+            # The event's URLs carry no signature (Airflow logs and keeps events); read fresh ones.
+            prediction = self.hook.get_prediction(prediction.id)
+            raise_for_prediction(prediction)
+        return self._finish(context, prediction)
 
     # ------------------------------------------------------------------ steps
     def _request_record(self) -> dict[str, Any]:
@@ -349,8 +356,8 @@ class SpeedPixRunOperator(BaseOperator):
         return {
             "prediction_id": prediction.id,
             "status": prediction.status,
-            "output": prediction.output,
-            "images": list(prediction.images),
+            "output": without_signatures(prediction.output),
+            "images": without_signatures(list(prediction.images)),
             "files": files,
             "run_seconds": prediction.run_seconds,
             "started_at": iso(prediction.started_at),

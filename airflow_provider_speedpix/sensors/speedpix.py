@@ -15,7 +15,7 @@ from airflow.providers.common.compat.sdk import (
 )
 
 from airflow_provider_speedpix import _metrics, _outcome
-from airflow_provider_speedpix._protocol import Prediction
+from airflow_provider_speedpix._protocol import Prediction, without_signatures
 from airflow_provider_speedpix.exceptions import SpeedPixPredictionFailed, SpeedPixTimeoutError
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 
@@ -99,7 +99,7 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
             if self.soft_fail:
                 raise AirflowSkipException(str(err)) from err
             raise
-        return PokeReturnValue(is_done=True, xcom_value=prediction.output_or_images)
+        return PokeReturnValue(is_done=True, xcom_value=without_signatures(prediction.output_or_images))
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
         """Resume after the trigger fired. ``soft_fail`` skips only a failed prediction or a timeout, as in
@@ -114,7 +114,7 @@ class SpeedPixPredictionSensor(BaseSensorOperator):
             self._finished(_outcome.prediction_from_event(event))
         try:
             event = _outcome.raise_for_event(event, timeout=float(self.timeout))
-            return _outcome.prediction_from_event(event).output_or_images
+            return _outcome.prediction_from_event(event).output_or_images  # unsigned in the event already
         except SpeedPixTimeoutError as err:
             # as in poke mode: a timed-out sensor fails for good; a retry would restart the whole wait
             raise AirflowSensorTimeout(str(err)) from err
