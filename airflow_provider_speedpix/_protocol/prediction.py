@@ -24,9 +24,6 @@ from airflow_provider_speedpix._protocol.wire import (
     Envelope,
     _short,
 )
-from airflow_provider_speedpix.exceptions import (
-    SpeedPixResponseError,
-)
 
 
 def _number(value: Any) -> float | None:
@@ -142,13 +139,7 @@ def parse_images(value: Any) -> list[str]:
 def _status(value: Any, operation: str, envelope: Envelope) -> str:
     status = str(value or "").lower()
     if status not in KNOWN_STATUSES:
-        raise SpeedPixResponseError(
-            f"SpeedPix {operation}: unknown prediction status {_short(str(value))!r} "
-            f"(invoke id {envelope.invoke_id}).",
-            operation=operation,
-            invoke_id=envelope.invoke_id,
-            request_id=envelope.request_id,
-        )
+        raise envelope.unreadable(operation, f"unknown prediction status {_short(str(value))!r}")
     return status
 
 
@@ -250,12 +241,7 @@ def parse_created(envelope: Envelope) -> Prediction:
     data = envelope.data
     task_id = data.get("taskId")
     if not task_id or not isinstance(task_id, str):
-        raise SpeedPixResponseError(
-            f"SpeedPix {CREATE}: the response has no taskId (invoke id {envelope.invoke_id}).",
-            operation=CREATE,
-            invoke_id=envelope.invoke_id,
-            request_id=envelope.request_id,
-        )
+        raise envelope.unreadable(CREATE, "the response has no taskId")
     return Prediction(
         id=task_id,
         status=_status(data.get("status") or "waiting", CREATE, envelope),

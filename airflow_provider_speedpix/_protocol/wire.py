@@ -115,6 +115,15 @@ class Envelope:
     def code(self) -> str:
         return self.sub_err_code or self.err_code or ""
 
+    def unreadable(self, operation: str, problem: str) -> SpeedPixResponseError:
+        """The error for an answer whose ``data`` does not say what the operation needs."""
+        return SpeedPixResponseError(
+            f"SpeedPix {operation}: {problem} (invoke id {self.invoke_id}).",
+            operation=operation,
+            invoke_id=self.invoke_id,
+            request_id=self.request_id,
+        )
+
 
 def _short(text: str) -> str:
     text = " ".join(text.split())
@@ -266,13 +275,7 @@ def parse_upload_sign(envelope: Envelope) -> tuple[str, dict[str, Any]]:
     data = envelope.data
     upload_url, access_url = data.get("uploadUrl"), data.get("accessUrl")
     if not isinstance(upload_url, str) or not upload_url or not isinstance(access_url, str) or not access_url:
-        raise SpeedPixResponseError(
-            f"SpeedPix {UPLOAD_SIGN}: the response lacks uploadUrl or accessUrl (invoke id "
-            f"{envelope.invoke_id}).",
-            operation=UPLOAD_SIGN,
-            invoke_id=envelope.invoke_id,
-            request_id=envelope.request_id,
-        )
+        raise envelope.unreadable(UPLOAD_SIGN, "the response lacks uploadUrl or accessUrl")
     expire = data.get("expireTime")
     return upload_url, {
         "access_url": access_url,

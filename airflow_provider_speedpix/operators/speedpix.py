@@ -160,16 +160,7 @@ class SpeedPixRunOperator(BaseOperator):
         record = self._request_record()  # rendered values, before any upload
         prediction = self._resume(store, record)
         if prediction is None:
-            prediction = self.hook.create_prediction(
-                self.workflow_id,
-                self.inputs,
-                alias_id=self.alias_id,
-                version_id=self.version_id,
-                resource_config_id=self.resource_config_id,
-                randomise_seeds=self.randomise_seeds,
-                return_temp_files=self.return_temp_files,
-                file_encoding_strategy=self.file_encoding_strategy,
-            )
+            prediction = self.hook.create_prediction(self.workflow_id, self.inputs, **self._request_options())
             self._state = {
                 "prediction_id": prediction.id,
                 "created_at": time.time(),
@@ -247,16 +238,19 @@ class SpeedPixRunOperator(BaseOperator):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise SpeedPixConfigError(f"`{name}` must be a string or None, got {value!r:.100}.")
-        return request_record(
-            self.workflow_id,
-            self.inputs,
-            alias_id=self.alias_id,
-            version_id=self.version_id,
-            resource_config_id=self.resource_config_id,
-            randomise_seeds=self.randomise_seeds,
-            return_temp_files=self.return_temp_files,
-            file_encoding_strategy=self.file_encoding_strategy,
-        )
+        return request_record(self.workflow_id, self.inputs, **self._request_options())
+
+    def _request_options(self) -> dict[str, Any]:
+        """Everything but the workflow id and inputs that decides what a prediction does: what is sent,
+        and what its fingerprint covers (one list for both)."""
+        return {
+            "alias_id": self.alias_id,
+            "version_id": self.version_id,
+            "resource_config_id": self.resource_config_id,
+            "randomise_seeds": self.randomise_seeds,
+            "return_temp_files": self.return_temp_files,
+            "file_encoding_strategy": self.file_encoding_strategy,
+        }
 
     def _resume(self, store: Any, record: dict[str, Any]) -> Prediction | None:
         """A retry picks up the prediction of an earlier try instead of paying for a new one, but only one
