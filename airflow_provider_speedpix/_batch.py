@@ -1,33 +1,25 @@
-"""A batch of predictions with a rolling window: item states, window accounting, the failure policy, the
-persisted form and the manifest rows. Pure: no network, no Airflow imports (the operator does the I/O).
+"""A batch of predictions with a rolling window: item states, window accounting, the failure policy,
+backpressure and the progress line. Pure: no network, no Airflow imports (the operator does the I/O).
 
 An item moves ``queued`` -> ``in_flight`` (a prediction exists) -> ``succeeded`` | ``failed`` |
-``timeout``; a failed prediction goes back to ``queued`` while the item has retries left. Everything the
-worker must not forget is in :meth:`BatchState.chunk_value` (one ``task_state_store`` key per
-:data:`CHUNK_SIZE` items), rewritten right after each create, so a retry (or a worker killed at any
-point) never submits an item again whose prediction exists, except one created in the instant between
-its create call and that write.
+``timeout``; a failed prediction goes back to ``queued`` while the item has retries left. Where items
+come from is :mod:`_batch_items`; how the state is kept between rounds and tries (one
+``task_state_store`` key per :data:`CHUNK_SIZE` items, rewritten right after each create) is
+:mod:`_batch_store`; the manifest and the summary are :mod:`_batch_manifest`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import time
-from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from airflow_provider_speedpix._storage import safe_filename
 from airflow_provider_speedpix.exceptions import SpeedPixConfigError
 
 #: Items per ``task_state_store`` key. Each ``set`` rewrites the whole key, so the chunk bounds the bytes
-#: written per create (about 25 KB at 100 items: README, "Catalog scale").
+#: written per create (14-23 KB at 100 items: docs/batch.md, "Where the state lives").
 CHUNK_SIZE = 100
-STATE_PREFIX = "speedpix_batch"
-META_KEY = f"{STATE_PREFIX}_meta"
 #: Fingerprint digits kept per item (of the 64 hex digits of ``request_fingerprint``).
 FINGERPRINT_CHARS = 24
 #: With items still queued, the trigger wakes the worker once this fraction of the window finished.
@@ -41,14 +33,6 @@ DONE = frozenset({SUCCEEDED, FAILED, TIMEOUT})
 BACKPRESSURE_CODES = frozenset({"ResourcePoolFull", "RESOURCE_POOL_FULL"})
 
 
-def state_key(chunk: int) -> str:
-    return f"{STATE_PREFIX}_{chunk}"
-
-
-def chunk_count(total: int) -> int:
-    return math.ceil(total / CHUNK_SIZE)
-
-
 def item_folder(item_id: str) -> str:
     """The folder name of an item's outputs: its id, made a safe single path segment."""
     return safe_filename(item_id.replace("/", "_").replace("\\", "_"), fallback="item")
@@ -60,6 +44,24 @@ def short_fingerprint(fingerprint: str) -> str:
 
 
 # ---------------------------------------------------------------------- parameters
+def check_items(value: Any) -> Any:
+    if value is None:
+        raise SpeedPixConfigError(
+            "`items` is required: a list of input dicts, or a .csv / .jsonl file path or ObjectStoragePath."
+        )
+    return value
+
+
+def check_output_dir(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and not value):
+        raise SpeedPixConfigError(
+            "`output_dir` is required for SpeedPixBatchRunOperator: output URLs are temporary, so every "
+            "item's files and the manifest are saved there. Pass a local directory or an object-storage "
+            "URI, e.g. output_dir='s3://aws_default@bucket/catalog/{{ run_id }}'."
+        )
+    return value
+
+
 def check_window(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SpeedPixConfigError(
@@ -116,64 +118,6 @@ class Item:
         return self.index // CHUNK_SIZE
 
 
-def parse_items_text(text: str, name: str) -> list[dict[str, Any]]:
-    """Rows of a CSV (header line, one item per row) or JSON-lines file (one JSON object per line);
-    ``.json`` may also hold a JSON list of objects."""
-    lower = name.lower()
-    if lower.endswith(".csv"):
-        return [dict(row) for row in csv.DictReader(io.StringIO(text))]
-    if lower.endswith(".json") and text.lstrip().startswith("["):
-        rows = json.loads(text)
-    elif lower.endswith((".jsonl", ".ndjson", ".json")):
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as err:
-                raise SpeedPixConfigError(f"`items` file {name}, line {number}: not JSON ({err}).") from None
-    else:
-        raise SpeedPixConfigError(
-            f"`items` file {name!r}: unknown format. Use a .csv file (a header row, one item per row) or a "
-            ".jsonl / .ndjson file (one JSON object per line)."
-        )
-    if not isinstance(rows, list):
-        raise SpeedPixConfigError(f"`items` file {name}: expected a list of objects.")
-    return rows
-
-
-def build_items(rows: Iterable[Any], item_id_field: str | None) -> list[Item]:
-    """Give every row its id: the value of ``item_id_field`` (removed from the inputs), else its position.
-    Ids must be unique, also once made safe as file names (they name the output folders)."""
-    items: list[Item] = []
-    seen: dict[str, str] = {}
-    for index, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise SpeedPixConfigError(
-                f"`items[{index}]` must be a dict of workflow inputs, got {type(row).__name__}."
-            )
-        inputs = dict(row)
-        if item_id_field is not None:
-            if item_id_field not in inputs or inputs[item_id_field] in (None, ""):
-                raise SpeedPixConfigError(
-                    f"`items[{index}]` has no `{item_id_field}` (item_id_field). Give every item an id, or "
-                    "set item_id_field=None to number items by position."
-                )
-            item_id = str(inputs.pop(item_id_field))
-        else:
-            item_id = str(index)
-        safe = item_folder(item_id).lower()
-        if safe in seen:
-            raise SpeedPixConfigError(
-                f"`items[{index}]`: item id {item_id!r} is not unique (same output folder as "
-                f"{seen[safe]!r}). Item ids name output folders and manifest rows; make them unique."
-            )
-        seen[safe] = item_id
-        items.append(Item(index, item_id, inputs))
-    return items
-
-
 # ---------------------------------------------------------------------- state
 @dataclass
 class ItemState:
@@ -188,34 +132,6 @@ class ItemState:
     run_seconds: float | None = None
     error_code: str | None = None
     message: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        data = {
-            "s": self.status,
-            "f": self.fingerprint,
-            "p": self.prediction_id,
-            "n": self.attempts,
-            "t": self.created_at,
-            "o": self.files,
-            "r": self.run_seconds,
-            "c": self.error_code,
-            "m": self.message,
-        }
-        return {k: v for k, v in data.items() if v not in (None, [], 0) or k == "s"}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ItemState:
-        return cls(
-            status=data.get("s", QUEUED),
-            fingerprint=data.get("f"),
-            prediction_id=data.get("p"),
-            attempts=int(data.get("n") or 0),
-            created_at=data.get("t"),
-            files=list(data.get("o") or []),
-            run_seconds=data.get("r"),
-            error_code=data.get("c"),
-            message=data.get("m"),
-        )
 
 
 @dataclass
@@ -232,7 +148,8 @@ class Counts:
 
 
 class BatchState:
-    """Item states keyed by item id, the window accounting and the persisted form (pure)."""
+    """Item states keyed by item id and the window accounting (pure). ``dirty``: the chunks changed since
+    they were last saved (:mod:`_batch_store`)."""
 
     def __init__(self, items: list[Item], *, max_in_flight: int, item_retries: int) -> None:
         self.items = items
@@ -241,44 +158,6 @@ class BatchState:
         self.item_retries = item_retries
         self.states: dict[str, ItemState] = {item.item_id: ItemState() for item in items}
         self.dirty: set[int] = set()
-
-    # -- persisted form --------------------------------------------------------------------------------
-    def chunk_value(self, chunk: int) -> dict[str, Any]:
-        """The ``task_state_store`` value of a chunk: the items of that chunk that have a record."""
-        start = chunk * CHUNK_SIZE
-        value = {}
-        for item in self.items[start : start + CHUNK_SIZE]:
-            state = self.states[item.item_id]
-            if state.status != QUEUED or state.attempts or state.prediction_id:
-                value[item.item_id] = state.to_json()
-        return {"items": value}
-
-    def load_chunk(self, value: Any, fingerprints: Mapping[str, str], *, new_try: bool) -> list[str]:
-        """Fold a stored chunk in. A record whose fingerprint differs from the item's request now is
-        dropped (the item is submitted anew); returns the ids of those. On a new task try, items that
-        failed get fresh attempts; a timed-out prediction is reconnected to (it may still run)."""
-        changed: list[str] = []
-        if not isinstance(value, Mapping) or not isinstance(value.get("items"), Mapping):
-            return changed
-        for item_id, data in value["items"].items():
-            if item_id not in self.states or not isinstance(data, Mapping):
-                continue
-            state = ItemState.from_json(data)
-            if state.fingerprint != fingerprints.get(item_id):
-                if state.prediction_id:
-                    changed.append(item_id)
-                self.states[item_id] = ItemState()
-                self.dirty.add(self.by_id[item_id].chunk)
-                continue
-            if new_try and state.status == FAILED:
-                state = ItemState(fingerprint=state.fingerprint)
-                self.dirty.add(self.by_id[item_id].chunk)
-            elif new_try and state.status == TIMEOUT:
-                state.status, state.created_at = IN_FLIGHT, time.time()
-                state.error_code = state.message = None
-                self.dirty.add(self.by_id[item_id].chunk)
-            self.states[item_id] = state
-        return changed
 
     # -- queries ---------------------------------------------------------------------------------------
     def with_status(self, *statuses: str) -> list[Item]:
@@ -324,6 +203,29 @@ class BatchState:
     def total_run_seconds(self) -> float:
         return round(sum(s.run_seconds or 0.0 for s in self.states.values()), 3)
 
+    def in_flight_ids(self) -> list[str]:
+        return [self.states[item.item_id].prediction_id or "" for item in self.in_flight()]
+
+    def overdue(self, timeout: float | None, now: float) -> list[Item]:
+        """In-flight items whose prediction was created more than ``timeout`` seconds before ``now``."""
+        if timeout is None:
+            return []
+        return [
+            item
+            for item in self.in_flight()
+            if (state := self.states[item.item_id]).prediction_id
+            and state.created_at is not None
+            and state.created_at + timeout <= now
+        ]
+
+    def wake_time(self, timeout: float | None, backoff_until: float | None, now: float) -> float | None:
+        """When the worker must look again even if nothing finished: after a backoff, or when the first
+        in-flight item reaches its timeout."""
+        candidates = [backoff_until] if backoff_until is not None else []
+        if timeout is not None:
+            candidates += [(self.states[i.item_id].created_at or now) + timeout for i in self.in_flight()]
+        return min(candidates) if candidates else None
+
     # -- transitions -----------------------------------------------------------------------------------
     def _touch(self, item_id: str) -> ItemState:
         self.dirty.add(self.by_id[item_id].chunk)
@@ -368,29 +270,28 @@ class BatchState:
             else "did not finish before the deadline"
         )
 
-    # -- manifest --------------------------------------------------------------------------------------
-    def manifest_rows(self) -> Iterator[dict[str, Any]]:
-        for item in self.items:
-            state = self.states[item.item_id]
-            yield {
-                "item_id": item.item_id,
-                "prediction_id": state.prediction_id,
-                "status": state.status,
-                "files": state.files,
-                "run_seconds": state.run_seconds,
-                "attempts": state.attempts,
-                "error_code": state.error_code,
-                "message": state.message,
-            }
-
-    def manifest_bytes(self) -> bytes:
-        return b"".join(
-            json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-            for row in self.manifest_rows()
-        )
-
 
 # ---------------------------------------------------------------------- backpressure, progress
+def create_failure(error: BaseException) -> Literal["slow_down", "abort", "retry", "final"]:
+    """What a failed create means: ``slow_down`` (a throttle or a full pool: back off, never fail the
+    item), ``abort`` (every item would fail the same way: credentials, an unknown workflow), ``final`` (the
+    item's inputs were refused: a new try repeats that) or ``retry`` (the item may be submitted again)."""
+    from airflow_provider_speedpix._protocol import CREATE
+    from airflow_provider_speedpix.exceptions import (
+        SpeedPixAuthError,
+        SpeedPixInputError,
+        SpeedPixNotFoundError,
+    )
+
+    if is_backpressure(error):
+        return "slow_down"
+    if isinstance(error, SpeedPixAuthError) or (
+        isinstance(error, SpeedPixNotFoundError) and getattr(error, "operation", None) == CREATE
+    ):
+        return "abort"
+    return "final" if isinstance(error, SpeedPixInputError) else "retry"
+
+
 def backoff_delay(rounds: int, poll_interval: float) -> float:
     """Pause after ``rounds`` throttled submission rounds in a row (1-based), doubling, capped."""
     return min(MAX_BACKOFF, max(poll_interval, 1.0) * 2 ** max(0, rounds - 1))

@@ -33,6 +33,15 @@ SUMMARY_KEYS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_defer_hold(monkeypatch):
+    """dag.test() runs the trigger in-process, with no scheduler and so without the race the hold works
+    around (operators.batch.DEFER_HOLD_SECONDS): rounds here resume as soon as the trigger fires."""
+    from airflow_provider_speedpix.operators import batch as batch_module
+
+    monkeypatch.setattr(batch_module, "DEFER_HOLD_SECONDS", 0.0)
+
+
 @pytest.fixture
 def batch_emulator(make_emulator, speedpix_conn, monkeypatch):
     """A private emulator on the real clock with 8 worker slots (a real FIFO queue) and short tasks."""
@@ -55,7 +64,6 @@ def batch_dag(out: Path, items: Any, **options: Any) -> str:
         "max_in_flight": 8,
         "poll_interval": 0.1,
         "timeout": 60,
-        "min_defer_seconds": 0,
         **options,
     }
     raw = ("retries", "retry_delay", "outlets")
@@ -408,3 +416,64 @@ def test_batch_example_dag(example_dags_folder, speedpix_conn, tmp_path):
     assert [f.parent.name for f in files] == ["P0", "P1", "P2", "P3", "P4"]
     assert (CATALOG / run_folder / "manifest.jsonl").exists()
     assert speedpix_conn.stats()["calls"]["comfy_prompt"] == 5
+
+
+# ---------------------------------------------------------------------- values resolved at runtime (XComArg)
+def test_workflow_id_and_items_from_upstream_tasks_import_and_run(run_dag, batch_emulator, tmp_path):
+    """`workflow_id=upstream.output` and `items=upstream.output` must not fail the DAG's import: the values
+    exist only at runtime, where they are checked."""
+    out = tmp_path / "out"
+    dr = run_dag(
+        HEADER
+        + f"""
+from airflow.providers.standard.operators.python import PythonOperator
+
+with dag:
+    pick = PythonOperator(task_id="pick", python_callable=lambda: "wf-white")
+    rows = PythonOperator(
+        task_id="rows", python_callable=lambda: [{{"sku": f"S{{i}}", "text": f"t{{i}}"}} for i in range(4)]
+    )
+    SpeedPixBatchRunOperator(task_id="batch", workflow_id=pick.output, items=rows.output, item_id_field="sku",
+        output_dir={str(out)!r}, max_in_flight=2, deferrable=True, poll_interval=0.1, timeout=60)
+"""
+    )
+    assert dr.state == "success"
+    summary = xcom(dr, "batch")
+    assert (summary["total"], summary["succeeded"]) == (4, 4)
+    assert [r["item_id"] for r in manifest(summary["manifest"])] == ["S0", "S1", "S2", "S3"]
+    tasks = batch_emulator.app.state.emulator.backend.tasks.values()
+    assert sorted(t.workflow_id for t in tasks) == ["wf-white"] * 4
+
+
+def test_workflow_id_from_upstream_is_checked_when_the_task_runs(run_dag, batch_emulator, tmp_path, capsys):
+    """What an XComArg resolves to is checked before anything is uploaded or billed."""
+    dr = run_dag(
+        HEADER
+        + f"""
+from airflow.sdk import task
+
+with dag:
+    @task
+    def upstream():
+        return ""
+
+    SpeedPixBatchRunOperator(task_id="batch", workflow_id=upstream(), items=[{{"text": "x"}}],
+        output_dir={str(tmp_path / "out")!r}, deferrable=False, poll_interval=0.1)
+"""
+    )
+    assert dr.state == "failed"
+    assert batch_emulator.stats()["calls"].get("comfy_prompt", 0) == 0
+    assert "workflow_id" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"workflow_id": ""}, "workflow_id"),
+        ({"alias_id": "main", "version_id": "v1"}, "either `alias_id`"),
+    ],
+)
+def test_literal_references_still_fail_at_parse(options, needle):
+    args = {"task_id": "b", "workflow_id": "wf", "items": [], "output_dir": "/tmp/x", **options}
+    with pytest.raises(SpeedPixConfigError, match=needle):
+        SpeedPixBatchRunOperator(**args)

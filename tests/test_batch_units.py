@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_speedpix import _batch
-from airflow_provider_speedpix._batch import BatchState, build_items, parse_items_text
+from airflow_provider_speedpix import _batch, _batch_store
+from airflow_provider_speedpix._batch import BatchState
+from airflow_provider_speedpix._batch_items import build_items, parse_items_text
+from airflow_provider_speedpix._batch_manifest import manifest_bytes
 from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.exceptions import (
     SpeedPixAPIError,
@@ -115,7 +117,7 @@ def test_chunks_round_trip_and_changed_request_is_not_reused():
     state.submitted("5", "p5", "fp-5", 1.0)
     state.succeeded("120", ["a.png"], 2.0)
     assert state.dirty == {0, 1}
-    values = {chunk: state.chunk_value(chunk) for chunk in range(_batch.chunk_count(250))}
+    values = {chunk: _batch_store.chunk_value(state, chunk) for chunk in range(_batch_store.chunk_count(250))}
     assert set(values) == {0, 1, 2} and values[2] == {"items": {}}
     json.dumps(values)  # plain JSON for task_state_store
 
@@ -124,12 +126,12 @@ def test_chunks_round_trip_and_changed_request_is_not_reused():
     fingerprints["120"] = None  # the stored success had no fingerprint recorded: treated as another request
     changed = []
     for value in values.values():
-        changed += fresh.load_chunk(value, fingerprints, new_try=True)
+        changed += _batch_store.load_chunk(fresh, value, fingerprints, new_try=True)
     assert fresh.states["5"].status == _batch.IN_FLIGHT and fresh.states["5"].prediction_id == "p5"
     assert changed == []  # no prediction id on item 120: nothing to warn about
     fingerprints["5"] = "fp-other"
     again = state_of(250)
-    assert again.load_chunk(values[0], fingerprints, new_try=False) == ["5"]
+    assert _batch_store.load_chunk(again, values[0], fingerprints, new_try=False) == ["5"]
     assert again.states["5"].status == _batch.QUEUED  # submitted anew
 
 
@@ -139,13 +141,13 @@ def test_new_try_resubmits_failed_but_reconnects_timed_out():
     state.failed("0", "E", "x")
     state.submitted("1", "p1", "fp", 0.0)
     state.timed_out("1", 10)
-    value = state.chunk_value(0)
+    value = _batch_store.chunk_value(state, 0)
     fresh = state_of(2)
-    fresh.load_chunk(value, {"0": "fp", "1": "fp"}, new_try=True)
+    _batch_store.load_chunk(fresh, value, {"0": "fp", "1": "fp"}, new_try=True)
     assert fresh.states["0"].status == _batch.QUEUED and fresh.states["0"].attempts == 0
     assert fresh.states["1"].status == _batch.IN_FLIGHT and fresh.states["1"].prediction_id == "p1"
     resumed = state_of(2)
-    resumed.load_chunk(value, {"0": "fp", "1": "fp"}, new_try=False)
+    _batch_store.load_chunk(resumed, value, {"0": "fp", "1": "fp"}, new_try=False)
     assert resumed.states["0"].status == _batch.FAILED
 
 
@@ -155,7 +157,7 @@ def test_manifest_rows_are_json_lines():
     state.succeeded("0", ["/o/0/images.png"], 0.9)
     state.submitted("1", "p1", "fp", 0.0)
     state.failed("1", "WORKFLOW_EXECUTION_FAILED", "Node #7 failed")
-    rows = [json.loads(line) for line in state.manifest_bytes().decode().splitlines()]
+    rows = [json.loads(line) for line in manifest_bytes(state).decode().splitlines()]
     assert rows[0] == {
         "item_id": "0",
         "prediction_id": "p0",
@@ -193,14 +195,16 @@ class FakeHook:
     def __init__(self, script: dict[str, Any]) -> None:
         self.script = script
         self.calls: list[str] = []
+        self.budgets: list[float | None] = []
         self.active = 0
         self.peak = 0
 
     def __call__(self, speedpix_conn_id: str) -> FakeHook:
         return self
 
-    async def aget_prediction(self, prediction_id: str) -> Prediction:
+    async def aget_prediction(self, prediction_id: str, *, time_left: float | None = None) -> Prediction:
         self.calls.append(prediction_id)
+        self.budgets.append(time_left)
         self.active += 1
         self.peak = max(self.peak, self.active)
         await asyncio.sleep(0)
@@ -323,3 +327,173 @@ def test_trigger_holds_its_event_until_not_before(monkeypatch):
     [event] = run_trigger(monkeypatch, trigger, hook, clock)
     assert clock[0] >= 1010.0
     assert event["finished"] == {"a": "succeeded", "b": "succeeded"}  # kept polling while holding
+
+
+# ---------------------------------------------------------------------- trigger lifecycle
+def test_trigger_bounds_each_poll_by_the_time_left_to_wake_at(monkeypatch):
+    from airflow_provider_speedpix._polling import LAST_POLL_SECONDS
+
+    clock = [1000.0]
+    hook = FakeHook({"a": "running"})
+    trigger = SpeedPixBatchTrigger(["a"], min_finished=1, poll_interval=5.0, wake_at=1012.0)
+    run_trigger(monkeypatch, trigger, hook, clock)
+    assert hook.budgets[0] == 12.0  # the whole time left before the wake-up
+    assert min(hook.budgets) == LAST_POLL_SECONDS  # never less than one last poll's worth
+    hook = FakeHook({"a": "succeeded"})
+    run_trigger(monkeypatch, SpeedPixBatchTrigger(["a"]), hook, [0.0])
+    assert hook.budgets == [None]  # no wake-up: no bound beyond the hook's own
+
+
+@pytest.fixture
+def held(monkeypatch) -> list[str]:
+    """Records the trigger's hold and release of the shared client (``_transport.hold_async_client``)."""
+    from airflow_provider_speedpix import _transport
+
+    calls: list[str] = []
+
+    def hold():
+        calls.append("hold")
+
+        async def release():
+            calls.append("release")
+
+        return release
+
+    monkeypatch.setattr(_transport, "hold_async_client", hold)
+    return calls
+
+
+def test_trigger_holds_the_shared_client_for_its_run_and_lets_go(monkeypatch, held):
+    hook = FakeHook({"a": ["running", "succeeded"]})
+    seen_during_run: list[list[str]] = []
+    original = hook.aget_prediction
+
+    async def spy(prediction_id: str, *, time_left: float | None = None) -> Prediction:
+        seen_during_run.append(list(held))
+        return await original(prediction_id, time_left=time_left)
+
+    hook.aget_prediction = spy  # type: ignore[method-assign]
+    trigger = SpeedPixBatchTrigger(["a"], poll_interval=1.0)
+    [event] = run_trigger(monkeypatch, trigger, hook, [0.0])
+    assert event["status"] == "success"
+    assert seen_during_run and all(s == ["hold"] for s in seen_during_run)  # held while polling
+    assert held == ["hold", "release"]
+    asyncio.run(trigger.cleanup())  # cleanup after the run: released once only
+    assert held == ["hold", "release"]
+
+
+def test_trigger_cleanup_releases_a_run_that_never_finished(monkeypatch, held):
+    monkeypatch.setattr(trigger_module, "SpeedPixHook", FakeHook({"a": "running"}))
+    trigger = SpeedPixBatchTrigger(["a"], poll_interval=60.0)
+
+    async def main() -> None:
+        task = asyncio.create_task(trigger.run().__anext__())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await trigger.cleanup()
+        await trigger.cleanup()
+
+    asyncio.run(main())
+    assert held == ["hold", "release"]
+
+
+def said(capsys, caplog) -> str:
+    captured = capsys.readouterr()
+    return captured.out + captured.err + caplog.text
+
+
+def test_trigger_on_kill_warns_with_count_and_a_few_ids(capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    ids = [f"p-{i}" for i in range(12)]
+    trigger = SpeedPixBatchTrigger(ids, min_finished=3)
+    capsys.readouterr()
+    asyncio.run(asyncio.wait_for(trigger.on_kill(), timeout=1))  # bounded: no network, no waiting
+    text = said(capsys, caplog)
+    assert "12 SpeedPix predictions" in text and "p-0, p-1, p-2, p-3, p-4 and 7 more" in text
+    assert "p-5" not in text
+    assert "keep running" in text and "billed" in text and "no cancel call" in text
+
+
+def test_trigger_on_kill_counts_only_those_still_in_flight(monkeypatch, capsys, caplog):
+    """Killed mid-wait (the triggerer cancels the run, then calls on_kill): the finished ones are not listed."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(trigger_module, "SpeedPixHook", FakeHook({"a": "succeeded", "b": "running"}))
+    trigger = SpeedPixBatchTrigger(["a", "b"], min_finished=2, poll_interval=60.0)
+
+    async def main() -> None:
+        task = asyncio.create_task(trigger.run().__anext__())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await trigger.on_kill()
+
+    capsys.readouterr()
+    asyncio.run(main())
+    text = said(capsys, caplog)
+    assert "1 SpeedPix predictions of this batch (b)" in text
+
+
+def test_trigger_on_kill_is_silent_after_the_final_event(monkeypatch, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    trigger = SpeedPixBatchTrigger(["a"], poll_interval=1.0)
+    [event] = run_trigger(monkeypatch, trigger, FakeHook({"a": "succeeded"}), [0.0])
+    assert event["status"] == "success"
+    capsys.readouterr()
+    caplog.clear()
+    asyncio.run(trigger.on_kill())
+    assert "keep running" not in said(capsys, caplog)
+
+
+def test_trigger_on_kill_never_raises(monkeypatch):
+    class Broken:
+        def warning(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("log handler broke")
+
+    monkeypatch.setattr(SpeedPixBatchTrigger, "log", Broken())
+    asyncio.run(SpeedPixBatchTrigger(["a"]).on_kill())
+
+
+# ---------------------------------------------------------------------- the worker's polling round
+def test_worker_poll_round_bounds_each_poll_and_sorts_the_answers():
+    from airflow_provider_speedpix import _batch_wait
+    from airflow_provider_speedpix._polling import LAST_POLL_SECONDS
+
+    flaky = SpeedPixServerError("502", operation="comfy_get_progress", status_code=502)
+    answers: dict[str, Any] = {
+        "done": Prediction(id="done", status="succeeded"),
+        "busy": Prediction(id="busy", status="running"),
+        "gone": SpeedPixNotFoundError("gone", operation="comfy_get_progress"),
+        "flaky": flaky,
+    }
+    budgets: list[float | None] = []
+
+    class Hook:
+        def get_prediction(self, prediction_id: str, *, time_left: float | None = None) -> Prediction:
+            budgets.append(time_left)
+            answer = answers[prediction_id]
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+    import time
+
+    polled = _batch_wait.poll_round(Hook(), list(answers), wake_at=time.time() + 1000)
+    assert set(polled.finished) == {"done", "gone"} and polled.finished["gone"] == _batch_wait.LOST
+    assert (polled.failures, polled.last_error) == (1, flaky)
+    assert all(b is not None and 990 < b <= 1000 for b in budgets)
+    budgets.clear()
+    _batch_wait.poll_round(Hook(), ["done"], wake_at=time.time() - 5)
+    assert budgets == [LAST_POLL_SECONDS]
+    fatal = SpeedPixAPIError("bad request", operation="comfy_get_progress", status_code=400)
+    answers["bad"] = fatal
+    with pytest.raises(SpeedPixAPIError):
+        _batch_wait.poll_round(Hook(), ["bad"], wake_at=None)

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_speedpix import _transport
+from airflow_provider_speedpix._batch_wait import LOST, poll_budget, verdict
 from airflow_provider_speedpix._outcome import MAX_CONSECUTIVE_ERRORS, check_positive
 from airflow_provider_speedpix._polling import next_poll_delay
-from airflow_provider_speedpix._protocol import PROGRESS, Prediction
-from airflow_provider_speedpix._retry import should_retry
-from airflow_provider_speedpix.exceptions import SpeedPixError, SpeedPixNotFoundError
+from airflow_provider_speedpix._protocol import Prediction
+from airflow_provider_speedpix.exceptions import SpeedPixError
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 
 __all__ = ["BATCH_EVENT_STATUSES", "LOST", "SpeedPixBatchTrigger"]
 
 #: ``success``: enough finished (or the wake-up time came); ``error``: polling failed for good.
 BATCH_EVENT_STATUSES = ("success", "error")
-#: The status reported for a prediction SpeedPix does not know (expired): the worker submits it anew.
-LOST = "lost"
 #: Status polls in flight at once per trigger (the shared client also caps its connections).
 MAX_CONCURRENT_POLLS = 16
+#: Prediction ids quoted in the ``on_kill`` warning (the rest are counted).
+IDS_IN_KILL_WARNING = 5
 
 
 async def _sleep(seconds: float) -> None:
@@ -43,11 +45,17 @@ class SpeedPixBatchTrigger(BaseTrigger):
     which every poll failed give an ``error`` event). Nothing is created or changed here, no metrics are
     emitted, and the kwargs hold ids and times only.
 
+    Like :class:`~airflow_provider_speedpix.triggers.speedpix.SpeedPixPredictionTrigger`, it holds the
+    loop's shared client for its whole run (released when the run ends and in :meth:`cleanup`), bounds
+    each poll by the time left before ``wake_at`` (``_batch_wait.poll_budget``), and its
+    :meth:`on_kill` warns that the predictions still in flight keep running and billing.
+
     :param prediction_ids: the predictions to watch.
     :param min_finished: how many must have finished before the event (capped at the number watched).
     :param wake_at: wall-clock UNIX time at which to fire with whatever finished; ``None``: no limit.
-    :param not_before: wall-clock UNIX time before which no ``success`` event is sent (see
-        ``SpeedPixBatchRunOperator``'s ``min_defer_seconds``).
+    :param not_before: wall-clock UNIX time before which no ``success`` event is sent: the operator sets
+        it ``operators.batch.DEFER_HOLD_SECONDS`` after the deferral, a workaround for an Airflow race
+        (docs/batch.md, "Shortest round").
     """
 
     def __init__(
@@ -72,6 +80,9 @@ class SpeedPixBatchTrigger(BaseTrigger):
         self.not_before = not_before
         self.max_concurrency = max(1, int(max_concurrency))
         self.max_consecutive_errors = max_consecutive_errors
+        self._pending: list[str] = list(dict.fromkeys(self.prediction_ids))
+        self._final_event_sent = False
+        self._release_client: Callable[[], Awaitable[None]] | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -90,33 +101,74 @@ class SpeedPixBatchTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        self._release_client = _transport.hold_async_client()
+        try:
+            event = await self._wait()
+            self._final_event_sent = True  # before yielding: on_kill may come as soon as the event is out
+            yield event
+        finally:
+            await self._let_go_of_client()
+
+    async def cleanup(self) -> None:
+        """Runs on every exit (also a triggerer restart): local resources only, never the predictions."""
+        await self._let_go_of_client()
+        await super().cleanup()
+
+    async def _let_go_of_client(self) -> None:
+        release, self._release_client = self._release_client, None
+        if release is not None:
+            await release()
+
+    async def on_kill(self) -> None:
+        """A user marked the deferred task failed or success, or cleared it: say that the predictions in
+        flight keep running (and billing), since SpeedPix has no cancel call. Silent after the final event
+        (Airflow may call this then too); never raises, never waits on the network."""
+        if self._final_event_sent:
+            return
+        with contextlib.suppress(Exception):  # a log call must never turn a kill into an error
+            shown = ", ".join(self._pending[:IDS_IN_KILL_WARNING])
+            more = len(self._pending) - IDS_IN_KILL_WARNING
+            self.log.warning(
+                "Stopped waiting for %d SpeedPix predictions of this batch (%s%s), but they keep running and "
+                "are billed until they finish: SpeedPix has no cancel call. A new try of the task reconnects "
+                "to them (their ids are in task_state_store).",
+                len(self._pending),
+                shown or "-",
+                f" and {more} more" if more > 0 else "",
+            )
+
+    async def _wait(self) -> TriggerEvent:
+        """Poll until there is something to tell: the one event ``run`` yields."""
         hook = SpeedPixHook(speedpix_conn_id=self.speedpix_conn_id)
         slots = asyncio.Semaphore(self.max_concurrency)
         finished: dict[str, str] = {}
-        pending = list(dict.fromkeys(self.prediction_ids))
         error_rounds = 0
         last_error: BaseException | None = None
 
         async def poll(prediction_id: str) -> Prediction | BaseException:
             async with slots:
                 try:
-                    return await hook.aget_prediction(prediction_id)
+                    return await hook.aget_prediction(
+                        prediction_id, time_left=poll_budget(self.wake_at, time.time())
+                    )
                 except SpeedPixError as err:
                     return err
 
         while True:
+            pending = self._pending
             answers = await asyncio.gather(*(poll(p) for p in pending)) if pending else []
             delays: list[float] = []
             failures = 0
             for prediction_id, answer in zip(pending, answers, strict=True):
-                if isinstance(answer, SpeedPixNotFoundError):
-                    finished[prediction_id] = LOST
-                elif isinstance(answer, BaseException):
-                    if not should_retry(PROGRESS, answer):
-                        yield self._error(f"Polling prediction {prediction_id} failed: {answer}", answer)
-                        return
-                    failures += 1
-                    last_error = answer
+                if isinstance(answer, BaseException):
+                    said = verdict(answer)
+                    if said == "fatal":
+                        return self._error(f"Polling prediction {prediction_id} failed: {answer}", answer)
+                    if said == "lost":
+                        finished[prediction_id] = LOST
+                    else:
+                        failures += 1
+                        last_error = answer
                 elif answer.finished:
                     finished[prediction_id] = answer.status
                 else:
@@ -125,27 +177,25 @@ class SpeedPixBatchTrigger(BaseTrigger):
                             answer, poll_interval=self.poll_interval, max_interval=self.max_poll_interval
                         )
                     )
-            pending = [p for p in pending if p not in finished]
+            self._pending = [p for p in pending if p not in finished]
             error_rounds = error_rounds + 1 if answers and failures == len(answers) else 0
             if error_rounds >= self.max_consecutive_errors:
-                yield self._error(
+                return self._error(
                     f"Gave up after {error_rounds} polling rounds in a row failed: {last_error}", last_error
                 )
-                return
             now = time.time()
             woke = self.wake_at is not None and now >= self.wake_at
-            enough = len(finished) >= max(1, self.min_finished) or (self.prediction_ids and not pending)
+            enough = len(finished) >= max(1, self.min_finished) or (self.prediction_ids and not self._pending)
             early = self.not_before is not None and now < self.not_before
             if (enough or woke) and not early:
-                yield TriggerEvent(
+                return TriggerEvent(
                     {
                         "status": "success",
                         "finished": finished,
-                        "pending": len(pending),
+                        "pending": len(self._pending),
                         "message": f"{len(finished)} of {len(self.prediction_ids)} predictions finished",
                     }
                 )
-                return
             if failures:
                 self.log.warning(
                     "%d of %d status polls failed (%s); polling again", failures, len(answers), last_error

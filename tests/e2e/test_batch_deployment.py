@@ -59,10 +59,18 @@ def test_batch_survives_triggerer_and_worker_sigkill(deployment, e2e_results):
     time.sleep(2)
     deployment.start_triggerer()
 
-    # 2. The worker dies in a later round, while the task runs on a worker (reading results or submitting).
+    # 2. The worker dies in a later round while it saves finished items' files: mid-run, but not in the one
+    #    documented window between a create and its save (a kill there may submit that item again).
+    def downloading() -> bool:
+        calls = deployment.emulator_stats()["calls"]
+        before = (calls.get("comfy_prompt", 0), calls.get("file_get", 0))
+        time.sleep(0.05)
+        calls = deployment.emulator_stats()["calls"]
+        return calls.get("comfy_prompt", 0) == before[0] and calls.get("file_get", 0) > before[1]
+
     def running_pid():
         ti = batch_ti(deployment, run_id)
-        if not ti or ti["state"] != "running" or created() < 200:
+        if not ti or ti["state"] != "running" or created() < 200 or not downloading():
             return None
         return deployment.task_process(ti["id"])
 
