@@ -139,9 +139,8 @@ def headless_chromium() -> Iterator[Browser]:
 
 
 #: The example's task (product photo to white background, with the workflow's temporary outputs) waiting in
-#: the worker, next to a workflow that fails, so the page shows images and a failure. (The example itself
-#: defers; after a deferral resumes on this tree the operator's final ``task_state_store.delete`` is
-#: refused by the api-server, "Task instance ... not found", so its run fails: reported to its owner.)
+#: the worker, next to a workflow that fails, so the page shows images and a failure. (The deferrable
+#: example itself runs in a real deployment in ``test_example_deferrable.py``.)
 GALLERY_DAG = """
 from pathlib import Path
 
