@@ -1,8 +1,8 @@
 """`make demo`: run the example DAG end to end against the bundled emulator, on Airflow's default SQLite.
 
 Starts the emulator on a free loopback port with room for one running task (``--capacity 1``), points a
-``speedpix_default`` connection at it, submits two predictions of "another team" so the example's own
-prediction has a queue to wait in (the task log shows ``queued, 2 ahead`` ... ``running 40%``), runs
+``speedpix_default`` connection at it, submits four predictions of "another team" so the example's own
+prediction has a queue to wait in (the task log shows ``queued, 1 ahead`` ... ``running 40%``), runs
 ``airflow dags test speedpix_white_background``, checks the saved output is a PNG, prints its path and
 stops the emulator.
 """
@@ -25,7 +25,9 @@ WORK = ROOT / ".demo"
 BIN = Path(sys.executable).parent
 DAG_ID = "speedpix_white_background"
 #: Predictions submitted before the DAG runs, so the demo's task log shows a real queue position.
-QUEUE_AHEAD = 2
+QUEUE_AHEAD = 4
+#: Each of those runs this long (the emulator's ``sleep-<seconds>`` workflows), so the queue lasts ~24 s.
+OTHER_JOB_SECONDS = 6
 
 
 def free_port() -> int:
@@ -53,7 +55,7 @@ def occupy_the_queue(env: dict[str, str], predictions: int) -> None:
         "from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook\n"
         "hook = SpeedPixHook()\n"
         f"for n in range({predictions}):\n"
-        "    hook.create_prediction('wf-other-team', {'text': f'another team job {n}'})\n"
+        f"    hook.create_prediction('sleep-{OTHER_JOB_SECONDS}', {{'text': 'another team job'}})\n"
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
