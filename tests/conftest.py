@@ -62,16 +62,21 @@ def use_speedpix_connection(
     monkeypatch.setenv("AIRFLOW_CONN_SPEEDPIX_DEFAULT", json.dumps(conn))
 
 
+#: Retry settings for tests against the emulator: short waits, few attempts.
+FAST_RETRIES = {"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 2, "timeout": 5}
+
+
+def use_emulator_connection(monkeypatch, emulator, **extra: object) -> None:
+    """Point ``speedpix_default`` at ``emulator`` with its own key and secret; ``extra`` as given."""
+    use_speedpix_connection(
+        monkeypatch, host=emulator.url, login=emulator.app_key, password=emulator.app_secret, extra=extra
+    )
+
+
 @pytest.fixture
 def speedpix_conn(emulator, monkeypatch):
     """Point ``speedpix_default`` at the in-process emulator, with fast retries."""
-    use_speedpix_connection(
-        monkeypatch,
-        host=emulator.url,
-        login=emulator.app_key,
-        password=emulator.app_secret,
-        extra={"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 2, "timeout": 5},
-    )
+    use_emulator_connection(monkeypatch, emulator, **FAST_RETRIES)
     return emulator
 
 

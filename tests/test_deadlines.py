@@ -26,7 +26,7 @@ from airflow_provider_speedpix.exceptions import (
 )
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
-from tests.conftest import use_speedpix_connection
+from tests.conftest import use_emulator_connection
 from tests.test_trigger import run_trigger
 
 #: What a poll at the deadline may add in these tests (LAST_POLL_SECONDS is patched to it).
@@ -39,12 +39,8 @@ SLACK = 1.5
 def patient_conn(speedpix_conn, monkeypatch):
     """Settings where one poll can take long: 10 s per request, 4 attempts, backoff 2-8 s. Without a
     bound, one poll with a hanging progress call takes 40 s and more (the defaults: up to ~165 s)."""
-    use_speedpix_connection(
-        monkeypatch,
-        host=speedpix_conn.url,
-        login=speedpix_conn.app_key,
-        password=speedpix_conn.app_secret,
-        extra={"retry_delay": 2.0, "retry_max_delay": 8.0, "retry_limit": 4, "timeout": 10},
+    use_emulator_connection(
+        monkeypatch, speedpix_conn, retry_delay=2.0, retry_max_delay=8.0, retry_limit=4, timeout=10
     )
     monkeypatch.setattr(_polling, "LAST_POLL_SECONDS", LAST_POLL)
     return speedpix_conn
@@ -172,17 +168,15 @@ def test_result_not_ready_is_not_an_ending(monkeypatch, mode, said, result):
 
 
 @MODES
-def test_busy_result_is_a_transient_failure_not_a_failed_prediction(monkeypatch, mode):
-    Answers(monkeypatch, [progress("succeeded"), BUSY])
-    with pytest.raises(SpeedPixServerError, match="busy") as info:
-        get(mode)
-    assert should_retry(proto.PROGRESS, info.value)
-
-
-@MODES
-def test_result_not_found_after_finished_is_transient(monkeypatch, mode):
-    Answers(monkeypatch, [progress("succeeded"), RESULT_NOT_FOUND])
-    with pytest.raises(SpeedPixResponseError, match="TASK_NOT_FOUND") as info:
+@pytest.mark.parametrize(
+    ("answer", "error", "match"),
+    [(BUSY, SpeedPixServerError, "busy"), (RESULT_NOT_FOUND, SpeedPixResponseError, "TASK_NOT_FOUND")],
+    ids=["busy_result_is_not_a_failed_prediction", "result_not_found_after_finished"],
+)
+def test_a_transient_result_answer_is_an_error_to_retry(monkeypatch, mode, answer, error, match):
+    """Progress says succeeded, the result call answers busy or not found: a retryable error, no ending."""
+    Answers(monkeypatch, [progress("succeeded"), answer])
+    with pytest.raises(error, match=match) as info:
         get(mode)
     assert should_retry(proto.PROGRESS, info.value)
 

@@ -31,6 +31,7 @@ from airflow_provider_speedpix.emulator.faults import Fault
 from airflow_provider_speedpix.emulator.png import PNG_SIGNATURE, make_png
 from airflow_provider_speedpix.emulator.server import EmulatorServer, RedactUploadTokens
 from airflow_provider_speedpix.emulator.storage import sign_output
+from tests._helpers import gateway_headers
 from tests.emulator_fixture import EMULATOR_APP_KEY, EMULATOR_APP_SECRET, EMULATOR_DURATION, signed_post
 
 PROMPT = "/scc/comfy_prompt"
@@ -133,9 +134,7 @@ def test_wrong_secret_is_invalid_signature_with_string_to_sign(emulator):
 
 def test_body_tampered_after_signing_is_content_md5_error(emulator):
     raw = json.dumps({"workflow_id": "wf-1", "inputs": {}}).encode()
-    headers = sign_request(
-        method="POST", path=PROMPT, body=raw, app_key=emulator.app_key, app_secret=emulator.app_secret
-    )
+    headers = gateway_headers(emulator, PROMPT, raw)
     tampered = raw.replace(b"wf-1", b"wf-2")
     r = requests.post(emulator.url + PROMPT, data=tampered, headers=headers, timeout=5)
     assert r.status_code == 400
@@ -147,9 +146,7 @@ def test_httpx_reserialising_json_breaks_md5(emulator):
     """What the protocol page warns about: sign one serialisation, send another."""
     body = {"text": "产品 照片", "n": 1}
     raw = json.dumps(body).encode()  # ASCII-escaped, ", " separators
-    headers = sign_request(
-        method="POST", path=PROGRESS, body=raw, app_key=emulator.app_key, app_secret=emulator.app_secret
-    )
+    headers = gateway_headers(emulator, PROGRESS, raw)
     r = httpx.post(emulator.url + PROGRESS, json=body, headers=headers)
     assert r.status_code == 400
     assert r.headers["X-Ca-Error-Code"] == "I400I5"
@@ -157,9 +154,7 @@ def test_httpx_reserialising_json_breaks_md5(emulator):
 
 def test_nonce_replay_rejected(emulator):
     raw = b'{"workflow_id":"wf-1","inputs":{}}'
-    headers = sign_request(
-        method="POST", path=PROMPT, body=raw, app_key=emulator.app_key, app_secret=emulator.app_secret
-    )
+    headers = gateway_headers(emulator, PROMPT, raw)
     first = requests.post(emulator.url + PROMPT, data=raw, headers=headers, timeout=5)
     assert first.status_code == 200
     again = requests.post(emulator.url + PROMPT, data=raw, headers=headers, timeout=5)
@@ -170,35 +165,23 @@ def test_nonce_replay_rejected(emulator):
     assert stats["rejected"] == {"I400NC": 1}
 
 
+def progress_signed_at(emulator, skew: float) -> requests.Response:
+    """A progress call whose signature says it was made ``skew`` seconds from now."""
+    raw = b'{"taskId":"t"}'
+    headers = gateway_headers(emulator, PROGRESS, raw, clock=lambda: time.time() + skew)
+    return requests.post(emulator.url + PROGRESS, data=raw, headers=headers, timeout=5)
+
+
 @pytest.mark.parametrize("skew", [-16 * 60, 16 * 60])
 def test_stale_or_future_timestamp_rejected(emulator, skew):
-    raw = b'{"taskId":"t"}'
-    headers = sign_request(
-        method="POST",
-        path=PROGRESS,
-        body=raw,
-        app_key=emulator.app_key,
-        app_secret=emulator.app_secret,
-        clock=lambda: time.time() + skew,
-    )
-    r = requests.post(emulator.url + PROGRESS, data=raw, headers=headers, timeout=5)
+    r = progress_signed_at(emulator, skew)
     assert r.status_code == 400
     assert r.headers["X-Ca-Error-Code"] == "I400HD"
     assert "X-Ca-Timestamp" in r.headers["X-Ca-Error-Message"]
 
 
 def test_timestamp_inside_window_accepted(emulator):
-    raw = b'{"taskId":"t"}'
-    headers = sign_request(
-        method="POST",
-        path=PROGRESS,
-        body=raw,
-        app_key=emulator.app_key,
-        app_secret=emulator.app_secret,
-        clock=lambda: time.time() - 14 * 60,
-    )
-    r = requests.post(emulator.url + PROGRESS, data=raw, headers=headers, timeout=5)
-    assert r.status_code == 200
+    assert progress_signed_at(emulator, -14 * 60).status_code == 200
 
 
 def test_wrong_app_key_rejected(emulator):
@@ -209,9 +192,7 @@ def test_wrong_app_key_rejected(emulator):
 
 def test_missing_signature_header_rejected(emulator):
     raw = b'{"taskId":"t"}'
-    headers = sign_request(
-        method="POST", path=PROGRESS, body=raw, app_key=emulator.app_key, app_secret=emulator.app_secret
-    )
+    headers = gateway_headers(emulator, PROGRESS, raw)
     del headers["x-ca-signature"]
     r = requests.post(emulator.url + PROGRESS, data=raw, headers=headers, timeout=5)
     assert r.status_code == 400
@@ -627,9 +608,7 @@ def test_fault_reset_with_requests_and_httpx(emulator):
     with pytest.raises(requests.exceptions.ConnectionError):
         progress_call(emulator)
     raw = b'{"taskId":"nope"}'
-    headers = sign_request(
-        method="POST", path=PROGRESS, body=raw, app_key=emulator.app_key, app_secret=emulator.app_secret
-    )
+    headers = gateway_headers(emulator, PROGRESS, raw)
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)), httpx.Client() as client:
         client.post(emulator.url + PROGRESS, content=raw, headers=headers)
     assert progress_call(emulator).status_code == 200

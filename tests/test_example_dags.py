@@ -30,6 +30,15 @@ def load(folder: Path, name: str):
     return module.dag
 
 
+def products_csv(path: Path, count: int) -> Path:
+    """Write a catalog CSV of ``count`` products (P0, P1...) that all show the examples' product image."""
+    image = ROOT / "dags_examples" / "data" / "product.png"
+    rows = [("product_id", "name", "image", "prompt")]
+    rows += [(f"P{i}", f"thing {i}", str(image), f"thing {i} on white") for i in range(count)]
+    path.write_text("".join(",".join(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def examples(example_dags_folder, speedpix_conn, tmp_path, monkeypatch):
     monkeypatch.setenv("SPEEDPIX_OUTPUT_DIR", str(tmp_path / "output"))
@@ -46,13 +55,7 @@ def test_white_background(examples, speedpix_conn, tmp_path):
 
 
 def test_catalog_regeneration_maps_one_prediction_per_product(examples, speedpix_conn, tmp_path):
-    csv = tmp_path / "products.csv"
-    image = ROOT / "dags_examples" / "data" / "product.png"
-    csv.write_text(
-        "product_id,name,image,prompt\n"
-        + "".join(f"P{i},thing {i},{image},thing {i} on white\n" for i in range(3)),
-        encoding="utf-8",
-    )
+    csv = products_csv(tmp_path / "products.csv", 3)
     dr = load(examples, "speedpix_catalog_regeneration").test(run_conf={"products_csv": str(csv)})
     assert dr.state == "success"
     tis = [ti for ti in dr.get_task_instances() if ti.task_id == "regenerate"]

@@ -75,17 +75,6 @@ def fetch(hook, url):
     return response.content
 
 
-def wait_until(predicate, timeout=5.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
-
-
 # ---------------------------------------------------------------- settings / connection
 def test_settings_from_connection(hook, emulator):
     settings = hook.settings
@@ -553,9 +542,12 @@ def test_get_prediction_succeeded(clocked):
     assert clocked.stats()["calls"]["comfy_get_result"] == 1
 
 
-def test_get_prediction_failed(hook):
+def test_get_prediction_failed(clocked):
+    hook = SpeedPixHook()
     prediction = hook.create_prediction("wf-fail", {})
-    failed = wait_until(lambda: (p := hook.get_prediction(prediction.id)).finished and p)
+    clocked.clock.advance(1)  # past the task's duration
+    failed = hook.get_prediction(prediction.id)
+    assert failed.finished
     assert failed.status == "failed"
     assert failed.error_code == "WORKFLOW_EXECUTION_FAILED"
     assert "KSampler" in failed.error
@@ -584,11 +576,12 @@ def test_aget_prediction_matches_sync(hook, emulator):
     assert emulator.stats()["calls"]["comfy_get_result"] == 2
 
 
-def test_aget_prediction_running_and_failed(hook):
+def test_aget_prediction_running_and_failed(clocked):
+    hook = SpeedPixHook()
     running = hook.create_prediction("sleep-100", {})
     assert asyncio.run(SpeedPixHook().aget_prediction(running.id)).status == "waiting"
     failing = hook.create_prediction("wf-fail", {})
-    wait_until(lambda: hook.get_prediction(failing.id).finished)
+    clocked.clock.advance(1)  # past wf-fail's duration
     failed = asyncio.run(SpeedPixHook().aget_prediction(failing.id))
     assert (failed.status, failed.error_code) == ("failed", "WORKFLOW_EXECUTION_FAILED")
 

@@ -34,7 +34,7 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixUploadError,
 )
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, should_retry
-from tests.conftest import FakeClock, use_speedpix_connection
+from tests.conftest import FakeClock, use_emulator_connection, use_speedpix_connection
 
 BASE = "http://sp.test"
 KEY, SECRET = "mock-key", "mock-secret-DO-NOT-LEAK"
@@ -557,13 +557,7 @@ def test_shared_async_client_is_per_loop():
 # ---------------------------------------------------------------- emulator fault injection
 @pytest.fixture
 def emu_hook(emulator, monkeypatch):
-    use_speedpix_connection(
-        monkeypatch,
-        host=emulator.url,
-        login=emulator.app_key,
-        password=emulator.app_secret,
-        extra={"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 5},
-    )
+    use_emulator_connection(monkeypatch, emulator, retry_delay=0.01, retry_max_delay=0.05, timeout=5)
     return SpeedPixHook()
 
 
@@ -600,13 +594,7 @@ def test_emulator_faults_on_progress_are_retried(emulator, emu_hook, kind, flavo
 
 
 def test_emulator_slow_create_times_out_once(emulator, monkeypatch):
-    use_speedpix_connection(
-        monkeypatch,
-        host=emulator.url,
-        login=emulator.app_key,
-        password=emulator.app_secret,
-        extra={"retry_delay": 0.01, "retry_max_delay": 0.05, "timeout": 0.3},
-    )
+    use_emulator_connection(monkeypatch, emulator, retry_delay=0.01, retry_max_delay=0.05, timeout=0.3)
     emulator.inject("comfy_prompt", "slow", delay=1.0)
     started = time.monotonic()
     with pytest.raises(SpeedPixTransportError, match="no answer within the timeout") as info:

@@ -11,6 +11,7 @@ import pytest
 
 from airflow_provider_speedpix.exceptions import SpeedPixConfigError
 from airflow_provider_speedpix.operators.speedpix import SpeedPixRunOperator, output_files_plan
+from tests._helpers import with_upstream_value
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: The operator's return value; the README's "Return value (XCom)" documents each.
@@ -32,6 +33,14 @@ from airflow.sdk import DAG
 from airflow_provider_speedpix.operators.speedpix import SpeedPixRunOperator
 dag = DAG("DAG_ID", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
 """
+
+
+def one_run_task(**arguments: object) -> str:
+    """DAG code: :data:`HEADER` and one ``SpeedPixRunOperator(task_id="run", dag=dag, **arguments)``, each
+    argument written as its ``repr``; ``poll_interval`` is 0.2 unless given."""
+    arguments = {"poll_interval": 0.2, **arguments}
+    written = ", ".join(f"{name}={value!r}" for name, value in arguments.items())
+    return HEADER + f'\nSpeedPixRunOperator(task_id="run", dag=dag, {written})\n'
 
 
 def ti_of(dag_run, task_id: str):
@@ -176,13 +185,7 @@ SpeedPixRunOperator(task_id="submit", dag=dag, workflow_id="sleep-30", inputs={"
 
 @pytest.mark.parametrize("deferrable", [True, False])
 def test_failed_workflow_fails_task_with_code_and_message(run_dag, speedpix_conn, deferrable, capsys):
-    dr = run_dag(
-        HEADER
-        + f"""
-SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-fail", inputs={{"text": "x"}},
-    deferrable={deferrable}, poll_interval=0.2, timeout=60)
-"""
-    )
+    dr = run_dag(one_run_task(workflow_id="wf-fail", inputs={"text": "x"}, deferrable=deferrable, timeout=60))
     assert dr.state == "failed"
     assert ti_of(dr, "run").state == "failed"
     text = capsys.readouterr().out
@@ -192,13 +195,7 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-fail", inputs={{"tex
 
 @pytest.mark.parametrize("deferrable", [True, False])
 def test_timeout_fails_task_naming_prediction(run_dag, speedpix_conn, deferrable, capsys):
-    dr = run_dag(
-        HEADER
-        + f"""
-SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="sleep-30", inputs={{"text": "x"}},
-    deferrable={deferrable}, poll_interval=0.2, timeout=1)
-"""
-    )
+    dr = run_dag(one_run_task(workflow_id="sleep-30", inputs={"text": "x"}, deferrable=deferrable, timeout=1))
     assert dr.state == "failed"
     assert "did not finish" in capsys.readouterr().out
     assert speedpix_conn.calls("comfy_prompt") == 1
@@ -335,25 +332,27 @@ def test_output_files_plan_names_files_after_fields(tmp_path):
     assert plan[0][2].parent == tmp_path
 
 
-def test_stored_prediction_unknown_to_the_api_is_replaced(run_dag, speedpix_conn, monkeypatch, capsys):
-    """A stored id the API no longer knows (expired) must not wedge every retry: submit anew."""
+def run_after_an_earlier_try(run_dag, monkeypatch, entry):
+    """Run a deferrable wf-white task whose stored state, before its first look, holds ``entry(record)``
+    (``record``: what this try would store), as if an earlier try had kept it."""
     from airflow_provider_speedpix.operators import speedpix as operator_module
 
     real_resume = operator_module.SpeedPixRunOperator._resume
 
-    def resume_with_stale_id(self, store, record):
+    def resume_after_an_earlier_try(self, store, record):
         if store is not None and store.get(operator_module.STATE_KEY) is None:
-            # the same request (so only the expiry decides), made by a prediction the API forgot
-            store.set(operator_module.STATE_KEY, {"prediction_id": "expired-prediction-id", **record})
+            store.set(operator_module.STATE_KEY, entry(record))
         return real_resume(self, store, record)
 
-    monkeypatch.setattr(operator_module.SpeedPixRunOperator, "_resume", resume_with_stale_id)
-    dr = run_dag(
-        HEADER
-        + """
-SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={"text": "x"}, deferrable=True,
-    poll_interval=0.2)
-"""
+    monkeypatch.setattr(operator_module.SpeedPixRunOperator, "_resume", resume_after_an_earlier_try)
+    return run_dag(one_run_task(workflow_id="wf-white", inputs={"text": "x"}, deferrable=True))
+
+
+def test_stored_prediction_unknown_to_the_api_is_replaced(run_dag, speedpix_conn, monkeypatch, capsys):
+    """A stored id the API no longer knows (expired) must not wedge every retry: submit anew."""
+    # the same request (so only the expiry decides), made by a prediction the API forgot
+    dr = run_after_an_earlier_try(
+        run_dag, monkeypatch, lambda record: {"prediction_id": "expired-prediction-id", **record}
     )
     assert dr.state == "success"
     assert speedpix_conn.calls("comfy_prompt") == 1
@@ -424,22 +423,8 @@ Op(task_id="run", dag=dag, workflow_id="wf-white", inputs={{"text": "x"}}, defer
 
 def test_entry_without_fingerprint_counts_as_different(run_dag, speedpix_conn, monkeypatch, capsys):
     """An entry kept by 0.1.0 (id only) cannot prove it was the same request: submit anew, no lookup."""
-    from airflow_provider_speedpix.operators import speedpix as operator_module
-
-    real_resume = operator_module.SpeedPixRunOperator._resume
-
-    def resume_with_legacy_entry(self, store, record):
-        if store is not None and store.get(operator_module.STATE_KEY) is None:
-            store.set(operator_module.STATE_KEY, {"prediction_id": "legacy-prediction-id", "created_at": 1.0})
-        return real_resume(self, store, record)
-
-    monkeypatch.setattr(operator_module.SpeedPixRunOperator, "_resume", resume_with_legacy_entry)
-    dr = run_dag(
-        HEADER
-        + """
-SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={"text": "x"}, deferrable=True,
-    poll_interval=0.2)
-"""
+    dr = run_after_an_earlier_try(
+        run_dag, monkeypatch, lambda record: {"prediction_id": "legacy-prediction-id", "created_at": 1.0}
     )
     assert dr.state == "success"
     calls = speedpix_conn.stats()["calls"]
@@ -595,20 +580,8 @@ def test_values_from_upstream_are_checked_when_the_task_runs(
     run_dag, speedpix_conn, capsys, upstream, call, message
 ):
     """What an XComArg resolves to is checked before anything is uploaded or billed."""
-    dr = run_dag(
-        HEADER
-        + f"""
-from airflow.sdk import task
-
-with dag:
-    @task
-    def upstream():
-        return {upstream}
-
-    value = upstream()
-    SpeedPixRunOperator(task_id="run", {call}, deferrable=True, poll_interval=0.2)
-"""
-    )
+    operator = f'SpeedPixRunOperator(task_id="run", {call}, deferrable=True, poll_interval=0.2)'
+    dr = run_dag(HEADER + with_upstream_value(upstream, operator))
     assert dr.state == "failed"
     assert speedpix_conn.calls("comfy_prompt") == 0
     assert speedpix_conn.calls("upload_put") == 0

@@ -41,7 +41,7 @@ from airflow_provider_speedpix.exceptions import (
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from tests.conftest import ROOT, use_speedpix_connection
 from tests.test_example_dags import load
-from tests.test_operator import HEADER, ti_of, xcom
+from tests.test_operator import HEADER, one_run_task, ti_of, xcom
 
 APP_KEY = "leak-test-key"
 SECRET = "SeCrEt-" + uuid.uuid4().hex
@@ -49,6 +49,7 @@ WRONG_SECRET = "SeCrEt-WRONG-" + uuid.uuid4().hex
 EXTRA = {"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 2, "timeout": 5}
 EMULATOR_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "airflow_provider_speedpix")
 AIRFLOW_HOME = Path(os.environ["AIRFLOW_HOME"])
+PRODUCT = ROOT / "dags_examples" / "data" / "product.png"
 
 
 # ---------------------------------------------------------------------- the emulator and its log
@@ -371,7 +372,7 @@ def test_white_background_example_deferrable(
     assert leak_conn.stats()["uploads"] == 1
     assert "Signature=REDACTED" in "\n".join(leak_conn.log.lines)  # the PUT is in the access log
     assert "Uploaded" in output and "Deferring" in output
-    assert_nothing_kept(recorder.needles(), output=output, dag_run=dr, emulator_log=leak_conn.log.lines)
+    assert_run_kept_nothing(recorder, leak_conn, output, dr)
 
 
 def _output(capfd) -> str:
@@ -379,8 +380,20 @@ def _output(capfd) -> str:
     return out + err
 
 
+def run_task(run_dag, capfd, workflow_id: str, inputs: dict, *, deferrable: bool):
+    """``dag.test()`` one SpeedPixRunOperator task (polling every 0.1 s, timeout 60 s): the run and its output."""
+    arguments = {"inputs": inputs, "deferrable": deferrable, "poll_interval": 0.1, "timeout": 60}
+    dr = run_dag(one_run_task(workflow_id=workflow_id, **arguments))
+    return dr, _output(capfd)
+
+
+def assert_run_kept_nothing(recorder, server, output: str, dag_run) -> None:
+    """No recorded secret, signature or URL token in the output, the run's rows or ``server``'s log."""
+    assert_nothing_kept(recorder.needles(), output=output, dag_run=dag_run, emulator_log=server.log.lines)
+
+
 def test_non_deferrable_run_with_uploads(leak_conn, recorder, run_dag, tmp_path, capfd):
-    image = ROOT / "dags_examples" / "data" / "product.png"
+    image = PRODUCT  # the examples' input image
     mask = tmp_path / "mask.png"
     mask.write_bytes(image.read_bytes() + b"mask")
     dr = run_dag(
@@ -397,42 +410,27 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", deferrable=F
     assert len(recorder.tokens()) == 2 and leak_conn.stats()["uploads"] == 2
     assert len(xcom(dr, "run")["files"]) == 3
     assert "Waiting for prediction" in output
-    assert_nothing_kept(recorder.needles(), output=output, dag_run=dr, emulator_log=leak_conn.log.lines)
+    assert_run_kept_nothing(recorder, leak_conn, output, dr)
 
 
 @pytest.mark.parametrize("deferrable", [True, False])
 def test_failing_workflow(leak_conn, recorder, run_dag, capfd, deferrable):
-    dr = run_dag(
-        HEADER
-        + f"""
-SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-fail", inputs={{"text": "x"}},
-    deferrable={deferrable}, poll_interval=0.1, timeout=60)
-"""
-    )
-    output = _output(capfd)
+    dr, output = run_task(run_dag, capfd, "wf-fail", {"text": "x"}, deferrable=deferrable)
     assert dr.state == "failed"
     assert "WORKFLOW_EXECUTION_FAILED" in output  # the failure (and its traceback) is in what we scan
     assert recorder.signatures
-    assert_nothing_kept(recorder.needles(), output=output, dag_run=dr, emulator_log=leak_conn.log.lines)
+    assert_run_kept_nothing(recorder, leak_conn, output, dr)
 
 
 def test_gateway_rejects_wrong_secret(leak_conn, recorder, run_dag, capfd, monkeypatch):
     set_connection(monkeypatch, leak_conn, password=WRONG_SECRET)
-    image = ROOT / "dags_examples" / "data" / "product.png"
-    dr = run_dag(
-        HEADER
-        + f"""
-SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={{"image": {str(image)!r}}},
-    deferrable=True, poll_interval=0.1, timeout=60)
-"""
-    )
-    output = _output(capfd)
+    dr, output = run_task(run_dag, capfd, "wf-white", {"image": str(PRODUCT)}, deferrable=True)
     assert dr.state == "failed" and ti_of(dr, "run").state == "failed"
     assert "SpeedPixAuthError" in output and "I400SG" in output
     assert leak_conn.stats()["rejected"] == {"I400SG": 1}
     # the client's signature (wrong secret) and the one the gateway expected (right secret) were recorded
     assert len(recorder.signatures) >= 2
-    assert_nothing_kept(recorder.needles(), output=output, dag_run=dr, emulator_log=leak_conn.log.lines)
+    assert_run_kept_nothing(recorder, leak_conn, output, dr)
 
 
 def test_fire_and_forget_then_sensor_example(leak_conn, recorder, example_dags_folder, capfd):
@@ -441,26 +439,18 @@ def test_fire_and_forget_then_sensor_example(leak_conn, recorder, example_dags_f
     assert dr.state == "success", output[-3000:]
     assert xcom(dr, "report").startswith(leak_conn.url)
     assert recorder.tokens() and recorder.signatures
-    assert_nothing_kept(recorder.needles(), output=output, dag_run=dr, emulator_log=leak_conn.log.lines)
+    assert_run_kept_nothing(recorder, leak_conn, output, dr)
 
 
 def test_broken_upload_fails_without_the_presigned_url(leak_conn, recorder, run_dag, capfd):
     """requests' own error for the failed PUT names the full URL (query included); ours must not."""
     leak_conn.inject("upload_put", "reset", times=10)
-    image = ROOT / "dags_examples" / "data" / "product.png"
-    dr = run_dag(
-        HEADER
-        + f"""
-SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={{"image": {str(image)!r}}},
-    deferrable=False, poll_interval=0.1, timeout=60)
-"""
-    )
-    output = _output(capfd)
+    dr, output = run_task(run_dag, capfd, "wf-white", {"image": str(PRODUCT)}, deferrable=False)
     assert dr.state == "failed"
     assert "SpeedPixUploadError" in output and "Uploading 'product.png'" in output
     assert recorder.tokens()
     assert leak_conn.stats()["predictions"] == 0
-    assert_nothing_kept(recorder.needles(), output=output, dag_run=dr, emulator_log=leak_conn.log.lines)
+    assert_run_kept_nothing(recorder, leak_conn, output, dr)
 
 
 # ---------------------------------------------------------------------- exception texts
@@ -473,7 +463,7 @@ def test_exceptions_of_a_wrong_secret(leak_conn, recorder, monkeypatch):
     import asyncio
 
     hook = _hook(monkeypatch, leak_conn, WRONG_SECRET)
-    image = ROOT / "dags_examples" / "data" / "product.png"
+    image = PRODUCT  # the examples' input image
     errors = []
     calls = {
         "create": lambda: hook.create_prediction("wf-white", {"text": "x"}),
