@@ -15,7 +15,7 @@ FLOOR_PINS := apache-airflow==3.3.0 apache-airflow-providers-common-compat==1.23
 	requests==2.32.2 httpx==0.28.0
 FLOOR_STAMP := $(FLOOR_VENV)/.installed-floor
 
-.PHONY: venv venv-floor demo test test-floor lint e2e bench clean
+.PHONY: venv venv-floor demo test test-floor lint e2e e2e-distributed bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ clean:
 ## End-to-end suite: a real Airflow deployment (scheduler, triggerer, dag-processor, api-server) on loopback.
 e2e: $(STAMP)
 	$(BIN)/python -m pytest -m e2e tests/e2e -q -p no:cacheprovider
+
+## The same provider where users outgrow one machine: CeleryExecutor on Redis and PostgreSQL, two triggerers,
+## two Celery workers, outputs in S3 (moto). Installs what is missing (Debian packages, .venv-dist) first.
+e2e-distributed:
+	bash scripts/e2e_distributed_setup.sh
+	.venv-dist/bin/python -m pytest -m e2e_distributed tests/e2e/test_distributed.py -q -p no:cacheprovider --durations=0
 
 ## Benchmarks B1, B3-B5 (about 25 min; `make bench BENCH_ARGS=--quick` for a 2-minute check).
 bench: $(STAMP)
