@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import Any
+
+import pytest
 
 from airflow_provider_speedpix._signing import sign_request
 
@@ -28,3 +32,19 @@ def with_upstream_value(returns: str, then: str) -> str:
         f"    {then}",
     ]
     return "\n" + "\n".join(lines) + "\n"
+
+
+async def cancel_after(awaitable: Awaitable[Any], seconds: float) -> None:
+    """Run ``awaitable`` as a task for ``seconds``, then cancel it, as the triggerer does on a user action,
+    and check that it ended cancelled."""
+    task = asyncio.ensure_future(awaitable)
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def said(capsys, caplog) -> str:
+    """All a test printed and logged since the last read: stdout, stderr and the captured log records."""
+    captured = capsys.readouterr()
+    return captured.out + captured.err + caplog.text

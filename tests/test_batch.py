@@ -12,7 +12,8 @@ from airflow_provider_speedpix.emulator.clock import Clock
 from airflow_provider_speedpix.exceptions import SpeedPixConfigError
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.operators.batch import SpeedPixBatchRunOperator
-from tests.conftest import use_speedpix_connection
+from tests._helpers import with_upstream_value
+from tests.conftest import FAST_RETRIES, use_emulator_connection
 from tests.test_operator import PNG_MAGIC, ti_of, xcom
 
 HEADER = """
@@ -46,13 +47,7 @@ def no_defer_hold(monkeypatch):
 def batch_emulator(make_emulator, speedpix_conn, monkeypatch):
     """A private emulator on the real clock with 8 worker slots (a real FIFO queue) and short tasks."""
     emu = make_emulator(capacity=8, duration=0.3, clock=Clock())
-    use_speedpix_connection(
-        monkeypatch,
-        host=emu.url,
-        login=emu.app_key,
-        password=emu.app_secret,
-        extra={"retry_delay": 0.01, "retry_max_delay": 0.05, "retry_limit": 2, "timeout": 5},
-    )
+    use_emulator_connection(monkeypatch, emu, **FAST_RETRIES)
     return emu
 
 
@@ -69,6 +64,13 @@ def batch_dag(out: Path, items: Any, **options: Any) -> str:
     raw = ("retries", "retry_delay", "outlets")
     rendered = ", ".join(f"{k}={v}" if k in raw else f"{k}={v!r}" for k, v in args.items())
     return HEADER + f"\nSpeedPixBatchRunOperator(task_id='batch', dag=dag, {rendered})\n"
+
+
+def retried_batch_dag(out: Path, items: Any, **options: Any) -> str:
+    """``batch_dag`` keyed by ``sku`` whose task is retried once, at once (for tests that kill a try)."""
+    return batch_dag(
+        out, items, item_id_field="sku", retries=1, retry_delay="timedelta(seconds=0)", **options
+    )
 
 
 def manifest(path: str) -> list[dict]:
@@ -165,17 +167,7 @@ def test_worker_dies_after_k_creates_retry_submits_only_the_rest(
         return create()
 
     patch_create(monkeypatch, wrapper)
-    dr = run_dag(
-        batch_dag(
-            tmp_path / "out",
-            products(30),
-            item_id_field="sku",
-            max_in_flight=20,
-            deferrable=deferrable,
-            retries=1,
-            retry_delay="timedelta(seconds=0)",
-        )
-    )
+    dr = run_dag(retried_batch_dag(tmp_path / "out", products(30), max_in_flight=20, deferrable=deferrable))
     assert dr.state == "success"
     assert ti_of(dr, "batch").try_number == 2
     summary = xcom(dr, "batch")
@@ -199,17 +191,7 @@ def test_crash_after_persist_resubmits_nothing(run_dag, batch_emulator, tmp_path
         return original(self)
 
     monkeypatch.setattr(batch_module.SpeedPixBatchRunOperator, "_wait_in_worker", wait)
-    dr = run_dag(
-        batch_dag(
-            tmp_path / "out",
-            products(12),
-            item_id_field="sku",
-            max_in_flight=20,
-            deferrable=False,
-            retries=1,
-            retry_delay="timedelta(seconds=0)",
-        )
-    )
+    dr = run_dag(retried_batch_dag(tmp_path / "out", products(12), max_in_flight=20, deferrable=False))
     assert dr.state == "success"
     assert batch_emulator.stats()["calls"]["comfy_prompt"] == 12
 
@@ -230,16 +212,7 @@ def test_changed_request_is_never_reused(run_dag, batch_emulator, tmp_path, monk
         return create()
 
     patch_create(monkeypatch, wrapper)
-    dr = run_dag(
-        batch_dag(
-            tmp_path / "out",
-            str(items),
-            item_id_field="sku",
-            deferrable=False,
-            retries=1,
-            retry_delay="timedelta(seconds=0)",
-        )
-    )
+    dr = run_dag(retried_batch_dag(tmp_path / "out", str(items), deferrable=False))
     assert dr.state == "success"
     # 5 on the first try; the retry reuses 4, submits the changed item 2 and the never-submitted item 5
     assert batch_emulator.stats()["calls"]["comfy_prompt"] == 7
@@ -396,16 +369,10 @@ def test_bad_parameters_fail_at_parse(options, needle):
 
 
 def test_batch_example_dag(example_dags_folder, speedpix_conn, tmp_path):
-    from tests.conftest import CATALOG, ROOT
-    from tests.test_example_dags import load
+    from tests.conftest import CATALOG
+    from tests.test_example_dags import load, products_csv
 
-    csv_path = tmp_path / "products.csv"
-    image = ROOT / "dags_examples" / "data" / "product.png"
-    csv_path.write_text(
-        "product_id,name,image,prompt\n"
-        + "".join(f"P{i},thing {i},{image},thing {i} on white\n" for i in range(5)),
-        encoding="utf-8",
-    )
+    csv_path = products_csv(tmp_path / "products.csv", 5)
     dag = load(example_dags_folder, "speedpix_catalog_regeneration_batch")
     dr = dag.test(run_conf={"products_csv": str(csv_path)})
     assert dr.state == "success"
@@ -447,20 +414,11 @@ with dag:
 
 def test_workflow_id_from_upstream_is_checked_when_the_task_runs(run_dag, batch_emulator, tmp_path, capsys):
     """What an XComArg resolves to is checked before anything is uploaded or billed."""
-    dr = run_dag(
-        HEADER
-        + f"""
-from airflow.sdk import task
-
-with dag:
-    @task
-    def upstream():
-        return ""
-
-    SpeedPixBatchRunOperator(task_id="batch", workflow_id=upstream(), items=[{{"text": "x"}}],
-        output_dir={str(tmp_path / "out")!r}, deferrable=False, poll_interval=0.1)
-"""
+    batch = (
+        'SpeedPixBatchRunOperator(task_id="batch", workflow_id=value, items=[{"text": "x"}], '
+        f"output_dir={str(tmp_path / 'out')!r}, deferrable=False, poll_interval=0.1)"
     )
+    dr = run_dag(HEADER + with_upstream_value('""', batch))
     assert dr.state == "failed"
     assert batch_emulator.stats()["calls"].get("comfy_prompt", 0) == 0
     assert "workflow_id" in capsys.readouterr().out

@@ -22,6 +22,7 @@ from airflow_provider_speedpix.exceptions import (
 )
 from airflow_provider_speedpix.triggers import batch as trigger_module
 from airflow_provider_speedpix.triggers.batch import SpeedPixBatchTrigger
+from tests._helpers import cancel_after, said
 
 
 def state_of(n: int, window: int = 4, retries: int = 0) -> BatchState:
@@ -387,21 +388,12 @@ def test_trigger_cleanup_releases_a_run_that_never_finished(monkeypatch, held):
     trigger = SpeedPixBatchTrigger(["a"], poll_interval=60.0)
 
     async def main() -> None:
-        task = asyncio.create_task(trigger.run().__anext__())
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_after(trigger.run().__anext__(), 0.05)
         await trigger.cleanup()
         await trigger.cleanup()
 
     asyncio.run(main())
     assert held == ["hold", "release"]
-
-
-def said(capsys, caplog) -> str:
-    captured = capsys.readouterr()
-    return captured.out + captured.err + caplog.text
 
 
 def test_trigger_on_kill_warns_with_count_and_a_few_ids(capsys, caplog):
@@ -427,11 +419,7 @@ def test_trigger_on_kill_counts_only_those_still_in_flight(monkeypatch, capsys, 
     trigger = SpeedPixBatchTrigger(["a", "b"], min_finished=2, poll_interval=60.0)
 
     async def main() -> None:
-        task = asyncio.create_task(trigger.run().__anext__())
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_after(trigger.run().__anext__(), 0.05)
         await trigger.on_kill()
 
     capsys.readouterr()

@@ -13,12 +13,8 @@ from airflow_provider_speedpix import _transport as transport_module
 from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
+from tests._helpers import cancel_after, said
 from tests.test_trigger import Script, collect, create, run_trigger
-
-
-def said(capsys, caplog) -> str:
-    captured = capsys.readouterr()
-    return captured.out + captured.err + caplog.text
 
 
 # ---------------------------------------------------------------------- on_kill
@@ -39,11 +35,7 @@ def test_on_kill_while_waiting_warns(speedpix_conn, capsys, caplog):
     trigger = SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1)
 
     async def main() -> None:
-        task = asyncio.create_task(collect(trigger))
-        await asyncio.sleep(0.5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_after(collect(trigger), 0.5)
         await trigger.on_kill()
 
     capsys.readouterr()

@@ -15,21 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e._helpers import wait_until
+
 pytestmark = pytest.mark.e2e
 
 DAG_ID = "speedpix_e2e_batch"
 ITEMS = 500
-
-
-def wait_until(deployment, predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{deployment.log_tails()}")
-        time.sleep(interval)
 
 
 def batch_ti(deployment, run_id: str) -> dict | None:
@@ -52,7 +43,7 @@ def test_batch_survives_triggerer_and_worker_sigkill(deployment, e2e_results):
         lambda: created() >= 100 and (batch_ti(deployment, run_id) or {}).get("state") == "deferred",
         timeout=180,
         what="the first window submitted and deferred",
-        interval=0.2,
+        pause=0.2,
     )
     deployment.kill_triggerer(signal.SIGKILL)
     triggerer_killed_at_creates = created()
@@ -74,7 +65,9 @@ def test_batch_survives_triggerer_and_worker_sigkill(deployment, e2e_results):
             return None
         return deployment.task_process(ti["id"])
 
-    pid = wait_until(deployment, running_pid, timeout=300, what="the batch task running in a later round")
+    pid = wait_until(
+        deployment, running_pid, timeout=300, what="the batch task running in a later round", pause=0.05
+    )
     os.kill(pid, signal.SIGKILL)
     worker_killed_at_creates = created()
 

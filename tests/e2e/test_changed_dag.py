@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e._helpers import return_value, wait_until
 from tests.e2e.deployment import BIN
 
 pytestmark = pytest.mark.e2e
@@ -75,29 +76,6 @@ def stored_prediction(deployment) -> dict | None:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def return_value(deployment, run_id: str) -> dict | None:
-    rows = deployment.query(
-        "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = ? AND key = 'return_value'",
-        (DAG_ID, run_id, TASK_ID),
-    )
-    if not rows:
-        return None
-    value = rows[0][0]
-    value = json.loads(value) if isinstance(value, str | bytes) else value
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def wait_until(deployment, condition, timeout: float, what: str, pause: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"Timed out after {timeout:.0f}s waiting for {what}\n{deployment.log_tails()}")
-        time.sleep(pause)
-
-
 def task_log(deployment, run_id: str, attempt: int) -> str:
     folder = deployment.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={TASK_ID}"
     return "\n".join(
@@ -133,6 +111,7 @@ def test_changed_dag_then_clear_runs_the_new_request(deployment, tmp_path, e2e_r
         lambda: dag_hash(deployment) not in (None, first_hash),
         timeout=240,
         what="the dag-processor to re-parse the changed DAG file",
+        pause=1.0,
     )
     cleared = subprocess.run(
         [str(BIN / "airflow"), "tasks", "clear", "-y", DAG_ID],
@@ -154,7 +133,7 @@ def test_changed_dag_then_clear_runs_the_new_request(deployment, tmp_path, e2e_r
     )
     state = deployment.wait_for_run(DAG_ID, run_id, timeout=240)
 
-    result = return_value(deployment, run_id) or {}
+    result = return_value(deployment, DAG_ID, run_id, TASK_ID) or {}
     retry_log = task_log(deployment, run_id, 2)
     calls = deployment.emulator_stats()["calls"]
     e2e_results["changed_dag_clear"] = {

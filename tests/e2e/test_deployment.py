@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e._helpers import wait_until
 from tests.e2e.deployment import BLOCKING_CATALOG_DAG_ID, CATALOG_EXAMPLE, blocking_catalog_source
 
 pytestmark = pytest.mark.e2e
@@ -129,19 +130,6 @@ def fresh_emulator(deployment, duration: float) -> None:
     deployment.emulator_reset()
     deployment.emulator_config(duration=duration)
     assert deployment.emulator_stats()["calls"].get("comfy_prompt", 0) == 0
-
-
-def wait_until(deployment, condition, timeout: float, what: str, components=None, pause: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"Timed out after {timeout:.0f}s waiting for {what}\n{deployment.log_tails(components)}"
-            )
-        time.sleep(pause)
 
 
 def start_catalog(deployment, tmp_path: Path, dag_id: str, rows: int) -> str:

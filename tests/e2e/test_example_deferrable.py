@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_speedpix.emulator.png import PNG_SIGNATURE
+from tests.e2e._helpers import return_value
 from tests.e2e.deployment import Deployment
 
 pytestmark = pytest.mark.e2e
@@ -47,18 +48,6 @@ def task_log(deployment: Deployment, run_id: str) -> str:
     )
 
 
-def xcom_return(deployment: Deployment, run_id: str) -> dict | None:
-    rows = deployment.query(
-        "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = ? AND key = 'return_value'",
-        (DAG_ID, run_id, TASK_ID),
-    )
-    if not rows:
-        return None
-    value = rows[0][0]
-    value = json.loads(value) if isinstance(value, str | bytes) else value
-    return json.loads(value) if isinstance(value, str) else value
-
-
 @pytest.mark.parametrize("auth", ["all-admins", "real-logins"])
 def test_white_background_example_defers_resumes_and_forgets(auth, tmp_path, e2e_results):
     started = time.monotonic()
@@ -77,7 +66,7 @@ def test_white_background_example_defers_resumes_and_forgets(auth, tmp_path, e2e
         state = deployment.wait_for_run(DAG_ID, run_id, timeout=300, on_sample=sample, interval=0.3)
         tis = deployment.task_instances(DAG_ID, run_id)
         calls = deployment.emulator_stats()["calls"]
-        result = xcom_return(deployment, run_id) or {}
+        result = return_value(deployment, DAG_ID, run_id, TASK_ID) or {}
         leftover = deployment.query(
             "SELECT count(*) FROM task_state_store WHERE dag_id = ? AND key = ?", (DAG_ID, STATE_KEY)
         )[0][0]
