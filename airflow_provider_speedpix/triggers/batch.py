@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
-from airflow_provider_speedpix import _transport
 from airflow_provider_speedpix._batch_wait import LOST, poll_budget, verdict
 from airflow_provider_speedpix._outcome import MAX_CONSECUTIVE_ERRORS, check_positive
 from airflow_provider_speedpix._polling import next_poll_delay
 from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.exceptions import SpeedPixError
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
+from airflow_provider_speedpix.triggers._base import SpeedPixTrigger
 
 __all__ = ["BATCH_EVENT_STATUSES", "LOST", "SpeedPixBatchTrigger"]
 
@@ -33,7 +32,7 @@ async def _sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-class SpeedPixBatchTrigger(BaseTrigger):
+class SpeedPixBatchTrigger(SpeedPixTrigger):
     """Poll a set of predictions (read-only, the triggerer's shared HTTP client, at most
     ``max_concurrency`` requests at once) and yield one event when ``min_finished`` of them finished, all
     of them did, or ``wake_at`` passed (to top the window up after a backoff, or to time items out).
@@ -81,8 +80,6 @@ class SpeedPixBatchTrigger(BaseTrigger):
         self.max_concurrency = max(1, int(max_concurrency))
         self.max_consecutive_errors = max_consecutive_errors
         self._pending: list[str] = list(dict.fromkeys(self.prediction_ids))
-        self._final_event_sent = False
-        self._release_client: Callable[[], Awaitable[None]] | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -99,25 +96,6 @@ class SpeedPixBatchTrigger(BaseTrigger):
                 "max_consecutive_errors": self.max_consecutive_errors,
             },
         )
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        self._release_client = _transport.hold_async_client()
-        try:
-            event = await self._wait()
-            self._final_event_sent = True  # before yielding: on_kill may come as soon as the event is out
-            yield event
-        finally:
-            await self._let_go_of_client()
-
-    async def cleanup(self) -> None:
-        """Runs on every exit (also a triggerer restart): local resources only, never the predictions."""
-        await self._let_go_of_client()
-        await super().cleanup()
-
-    async def _let_go_of_client(self) -> None:
-        release, self._release_client = self._release_client, None
-        if release is not None:
-            await release()
 
     async def on_kill(self) -> None:
         """A user marked the deferred task failed or success, or cleared it: say that the predictions in

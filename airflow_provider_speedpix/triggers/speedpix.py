@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
-from airflow_provider_speedpix import _transport
 from airflow_provider_speedpix._outcome import (
     EVENT_STATUSES,
     MAX_CONSECUTIVE_ERRORS,
@@ -23,11 +21,12 @@ from airflow_provider_speedpix._outcome import (
 from airflow_provider_speedpix._polling import PollLoop
 from airflow_provider_speedpix.exceptions import SpeedPixError
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
+from airflow_provider_speedpix.triggers._base import SpeedPixTrigger
 
 __all__ = ["EVENT_STATUSES", "SpeedPixPredictionTrigger", "prediction_event", "raise_for_event"]
 
 
-class SpeedPixPredictionTrigger(BaseTrigger):
+class SpeedPixPredictionTrigger(SpeedPixTrigger):
     """Poll one prediction until it finishes, the deadline passes, or a non-retryable error occurs.
 
     Yields exactly one :class:`TriggerEvent` whose ``status`` is ``success``, ``failed``, ``timeout`` or
@@ -75,8 +74,6 @@ class SpeedPixPredictionTrigger(BaseTrigger):
         self.created_at = created_at
         self.estimated_duration = estimated_duration
         self.max_consecutive_errors = max_consecutive_errors
-        self._final_event_sent = False
-        self._release_client: Callable[[], Awaitable[None]] | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -97,25 +94,6 @@ class SpeedPixPredictionTrigger(BaseTrigger):
         return TriggerEvent(
             {"status": status, "prediction_id": self.prediction_id, "message": message, **fields}
         )
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        self._release_client = _transport.hold_async_client()
-        try:
-            event = await self._wait()
-            self._final_event_sent = True  # before yielding: on_kill may come as soon as the event is out
-            yield event
-        finally:
-            await self._let_go_of_client()
-
-    async def cleanup(self) -> None:
-        """Runs on every exit (also a triggerer restart): local resources only, never the prediction."""
-        await self._let_go_of_client()
-        await super().cleanup()
-
-    async def _let_go_of_client(self) -> None:
-        release, self._release_client = self._release_client, None
-        if release is not None:
-            await release()
 
     async def on_kill(self) -> None:
         """A user marked the deferred task failed or success, or cleared it: say that the prediction keeps
