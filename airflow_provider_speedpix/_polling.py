@@ -21,6 +21,11 @@ from airflow_provider_speedpix.exceptions import (
 FAR_FRACTION = 0.5
 #: How far past the expected finish (in poll intervals) the last approach poll aims.
 ARRIVAL_MARGIN = 0.05
+#: The most an ETA trend may shrink the remaining time: an ETA that fell 3 s per second says the
+#: estimate is 3x too long; a faster fall is noise (a queue that moved, a rounding), not a rate.
+MAX_ETA_RATE = 3.0
+#: ETA trends measured over less than this (seconds) are ignored.
+MIN_TREND_SECONDS = 0.5
 #: The least time one poll (its requests, retries and backoff) gets, even at or past the deadline: one
 #: last answer is still worth asking for, and a ``timeout`` then comes at most this long after the
 #: deadline, well inside the deferral's grace (``_outcome.DEFER_GRACE``).
@@ -79,18 +84,29 @@ def next_poll_delay(
     poll_interval: float,
     max_interval: float,
     elapsed: float | None = None,
+    eta_rate: float | None = None,
 ) -> float:
     """Seconds until the next poll.
 
     When nothing is known, or the ETA has passed, poll every ``poll_interval``: that bounds detection
-    latency just as a fixed interval would. Near the expected end, poll just after it. While the end is far, sleep a fraction of the remaining time,
-    never longer than ``max_interval``. The remaining time comes from the progress call's ``etaRelative``
-    or, before the first progress answer, from ``estimatedDurationInSeconds`` minus ``elapsed``.
+    latency just as a fixed interval would. Near the expected end, poll just after it. While the end is
+    far, sleep ``FAR_FRACTION`` of the remaining time (never longer than ``max_interval``), so a wrong
+    estimate is caught: an end that comes sooner than estimated by any share under ``FAR_FRACTION`` is
+    still approached by a later poll, and one that comes later is met by polls every ``poll_interval``.
+    The remaining time comes from the progress call's ``etaRelative`` or, before the first progress
+    answer, from ``estimatedDurationInSeconds`` minus ``elapsed``.
+
+    ``eta_rate`` is how fast the ETA fell between the last two answers, in seconds per second
+    (:class:`PollLoop` measures it): an honest ETA falls by 1 each second, one that is 30 % too long by
+    1.3. A rate above 1 shrinks the remaining time by that factor (at most ``MAX_ETA_RATE``); a rate below
+    1 (a too-short ETA, or a queue) is not used to sleep longer than the ETA says.
     """
     remaining: float | None = None
     if prediction is not None:
         if prediction.eta_seconds is not None and prediction.status == "running":
             remaining = prediction.eta_seconds
+            if eta_rate is not None and eta_rate > 1:
+                remaining /= min(eta_rate, MAX_ETA_RATE)
         elif prediction.estimated_duration is not None and elapsed is not None:
             remaining = prediction.estimated_duration - elapsed
     if remaining is None or remaining <= 0:
@@ -100,6 +116,17 @@ def next_poll_delay(
         # first poll after it, but never wait longer than poll_interval (an ETA can be wrong).
         return min(poll_interval, max(remaining + ARRIVAL_MARGIN * poll_interval, poll_interval / 4))
     return max(poll_interval, min(remaining * FAR_FRACTION, max_interval))
+
+
+def eta_trend(previous: tuple[float, float] | None, now: float, eta: float) -> float | None:
+    """Seconds the ETA fell per second since ``previous`` (``(time, eta)`` of the last running answer),
+    or ``None`` when there is no usable trend (no previous answer, too short apart, ETA not falling)."""
+    if previous is None:
+        return None
+    then, before = previous
+    if now - then < MIN_TREND_SECONDS or before <= eta:
+        return None
+    return (before - eta) / (now - then)
 
 
 @dataclass(frozen=True)
@@ -144,6 +171,7 @@ class PollLoop:
         self.not_found_grace = not_found_grace
         self.errors = 0
         self.last_status: str | None = None
+        self._last_eta: tuple[float, float] | None = None  # (now, ETA) of the last running answer
         self._backoff = RetryPolicy(
             attempts=max_consecutive_errors, delay=poll_interval, max_delay=self.max_interval, jitter=False
         )
@@ -174,11 +202,16 @@ class PollLoop:
             return Step("timeout")
         if prediction.status == "waiting" and self.estimated_duration is not None:
             prediction.estimated_duration = self.estimated_duration
+        rate = None
+        if prediction.status == "running" and prediction.eta_seconds is not None:
+            rate = eta_trend(self._last_eta, now, prediction.eta_seconds)
+            self._last_eta = (now, prediction.eta_seconds)
         delay = next_poll_delay(
             prediction,
             poll_interval=self.poll_interval,
             max_interval=self.max_interval,
             elapsed=None if self.created_at is None else now - self.created_at,
+            eta_rate=rate,
         )
         return Step("sleep", delay if remaining is None else min(delay, remaining))
 

@@ -7,10 +7,13 @@ with :class:`_retry.RetryPolicy`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import math
 import os
 import re
+import time
 import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -28,7 +31,17 @@ from airflow_provider_speedpix.exceptions import SpeedPixResponseError, SpeedPix
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 CHUNK = 1024 * 1024
-MAX_IN_FLIGHT = 16
+#: Requests in flight per event loop: the limit starts here and never goes below it (enough for a
+#: service on loopback or in the same region).
+MIN_IN_FLIGHT = 16
+#: ... and never above this, whatever the measured round-trip time: at most this many connections
+#: from one triggerer to SpeedPix. 64 carries 1,000 status calls/s (5,000 predictions polled every 5 s)
+#: at up to ~60 ms per call; a farther service gets fewer calls/s instead of more connections.
+MAX_IN_FLIGHT = 64
+#: In-flight limit = calls wanted per second x mean round trip x this headroom (Little's law).
+IN_FLIGHT_HEADROOM = 1.5
+#: How often (seconds) the limit is recomputed from what was measured since the last time.
+IN_FLIGHT_WINDOW = 1.0
 
 # One httpx.AsyncClient per event loop: every trigger in a triggerer shares its connection pool. It is
 # closed when the last holder on its loop lets go (see hold_async_client).
@@ -36,9 +49,150 @@ _ASYNC_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.Async
     weakref.WeakKeyDictionary()
 )
 _ASYNC_HOLDERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
-_ASYNC_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+_ASYNC_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, InFlightLimit] = (
     weakref.WeakKeyDictionary()
 )
+
+
+class _LaneStream(httpx.AsyncByteStream):
+    """A response body that gives its lane back when it is closed."""
+
+    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
+class LaneTransport(httpx.AsyncBaseTransport):
+    """Direct connections as ``lanes``: each an ``httpx.AsyncHTTPTransport`` with ONE keep-alive
+    connection, lent to one request at a time.
+
+    One httpcore pool of N connections costs O(queued requests x connections) per request (it scans
+    every connection, and asks each idle socket whether it is readable, to assign each waiting request:
+    benchmark B1 measured half of a status call's CPU there). A pool of one connection with one request
+    does that scan once. Lanes are made on demand, at most ``size`` (requests beyond wait for a lane),
+    and a lane's idle connection closes after ``keepalive_expiry`` as usual.
+    """
+
+    def __init__(self, size: int = MAX_IN_FLIGHT, *, keepalive_expiry: float = 60.0) -> None:
+        self._size = size
+        self._keepalive_expiry = keepalive_expiry
+        self._ssl_context = httpx.create_ssl_context(trust_env=True)
+        self._free: list[httpx.AsyncHTTPTransport] = []
+        self._all: list[httpx.AsyncHTTPTransport] = []
+        self._lanes = asyncio.Semaphore(size)
+
+    def _new_lane(self) -> httpx.AsyncHTTPTransport:
+        lane = httpx.AsyncHTTPTransport(
+            verify=self._ssl_context,
+            trust_env=True,
+            limits=httpx.Limits(
+                max_connections=1, max_keepalive_connections=1, keepalive_expiry=self._keepalive_expiry
+            ),
+        )
+        self._all.append(lane)
+        return lane
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await self._lanes.acquire()
+        lane = self._free.pop() if self._free else self._new_lane()
+
+        def release() -> None:
+            self._free.append(lane)
+            self._lanes.release()
+
+        try:
+            response = await lane.handle_async_request(request)
+        except BaseException:
+            release()
+            raise
+        if response.is_closed:  # already read (a transport that answers with a body in memory)
+            release()
+        else:
+            response.stream = _LaneStream(response.stream, release)
+        return response
+
+    async def aclose(self) -> None:
+        lanes, self._all, self._free = self._all, [], []
+        for lane in lanes:
+            with contextlib.suppress(Exception):
+                await lane.aclose()
+
+
+class InFlightLimit:
+    """How many requests a loop has in flight at once, sized from what it measures (Little's law).
+
+    Needed in flight = calls wanted per second x round-trip time. Every ``IN_FLIGHT_WINDOW`` seconds the
+    limit becomes ``ceil(demand x mean round trip x IN_FLIGHT_HEADROOM)`` within ``[low, high]``, where
+    demand counts the calls that asked for a slot (queued ones too: the calls wanted, not the calls the
+    old limit let through) and the round trip is measured from getting a slot to the answer read. On
+    loopback that stays at ``low``; 1,000 calls/s to a service 50 ms away get about 75. Requests beyond
+    the limit wait in FIFO order; waiting costs nothing (a future each).
+    """
+
+    def __init__(self, low: int = MIN_IN_FLIGHT, high: int = MAX_IN_FLIGHT) -> None:
+        self.low, self.high = low, max(high, low)
+        self.limit = low
+        self.active = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._window_start = time.monotonic()
+        self._asked = 0
+        self._rtt_sum = 0.0
+        self._rtt_count = 0
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns the monotonic time it was granted (pass it to :meth:`release`)."""
+        self._asked += 1
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return time.monotonic()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # granted just as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        return time.monotonic()
+
+    def release(self, granted: float) -> None:
+        now = time.monotonic()
+        self._rtt_sum += now - granted
+        self._rtt_count += 1
+        if now - self._window_start >= IN_FLIGHT_WINDOW:
+            self._resize(now)
+        self._release_slot()
+
+    def _resize(self, now: float) -> None:
+        elapsed = now - self._window_start
+        if self._rtt_count:
+            demand = self._asked / elapsed
+            rtt = self._rtt_sum / self._rtt_count
+            self.limit = min(self.high, max(self.low, math.ceil(demand * rtt * IN_FLIGHT_HEADROOM)))
+        self._window_start, self._asked, self._rtt_sum, self._rtt_count = now, 0, 0.0, 0
+
+    def _release_slot(self) -> None:
+        self.active -= 1
+        while self._waiters and self.active < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
 
 
 def shared_async_client() -> httpx.AsyncClient:
@@ -48,9 +202,12 @@ def shared_async_client() -> httpx.AsyncClient:
     if client is None or client.is_closed:
         # trust_env (the default): proxies are read from the environment once, here, and mounted per
         # host pattern (NO_PROXY entries mount "no proxy"), so each request follows its own host's rule.
+        # Every other URL ("all://", the least specific pattern) goes through the lanes; a host that
+        # NO_PROXY exempts from a configured proxy uses httpx's default pool.
         client = httpx.AsyncClient(
             trust_env=True,
             timeout=REQUEST_TIMEOUT,
+            mounts={"all://": LaneTransport(MAX_IN_FLIGHT)},
             limits=httpx.Limits(
                 max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT, keepalive_expiry=60
             ),
@@ -86,17 +243,16 @@ def hold_async_client() -> Callable[[], Awaitable[None]]:
     return release
 
 
-def _in_flight_slots() -> asyncio.Semaphore:
-    """Bounds concurrent requests per loop to the pool size.
+def in_flight_limit() -> InFlightLimit:
+    """The running loop's in-flight limit (:class:`InFlightLimit`).
 
     Thousands of triggers polling at once would otherwise queue inside httpx's pool, whose per-request
-    bookkeeping grows with the queue (measured in benchmarks/b1: CPU per call doubled at 1,000 triggers).
-    Waiting on a semaphore costs nothing.
+    bookkeeping grows with the queue (benchmark B1). Waiting here costs nothing.
     """
     loop = asyncio.get_running_loop()
     slots = _ASYNC_SLOTS.get(loop)
     if slots is None:
-        slots = _ASYNC_SLOTS[loop] = asyncio.Semaphore(MAX_IN_FLIGHT)
+        slots = _ASYNC_SLOTS[loop] = InFlightLimit()
     return slots
 
 
@@ -157,6 +313,37 @@ class _Session(requests.Session):
             if scheme not in merged and scheme not in self.proxies:
                 merged[scheme] = proxy
         return super().merge_environment_settings(url, merged, stream, verify, cert)
+
+    def send_api(
+        self, url: str, body: bytes, headers: Mapping[str, str], settings: SpeedPixSettings
+    ) -> requests.Response:
+        """POST one API call, prepared directly: what ``session.post`` would send (the session's headers,
+        its proxies for this host, its ``verify``), without ``Session.request``'s generic merging of
+        cookies, auth, params and hooks, which an API call does not use and which cost a third of a
+        call's client CPU (benchmark B5). Streamed: the caller reads it with a size limit."""
+        prepared = requests.PreparedRequest()
+        prepared.method = "POST"
+        prepared.url = url
+        merged: requests.structures.CaseInsensitiveDict[str | bytes] = (
+            requests.structures.CaseInsensitiveDict(self.headers)
+        )
+        merged.update(headers)
+        merged["Content-Length"] = str(len(body))
+        prepared.headers = merged
+        prepared.body = body
+        prepared.hooks = {"response": []}
+        proxies = dict(self.proxies)
+        for scheme, proxy in self.environ_proxies(url).items():
+            proxies.setdefault(scheme, proxy)
+        return self.send(
+            prepared,
+            stream=True,
+            timeout=request_timeout(settings.timeout),
+            verify=self.verify,
+            cert=self.cert,
+            proxies=proxies,
+            allow_redirects=True,
+        )
 
     def rebuild_proxies(self, prepared_request: Any, proxies: Any) -> dict[str, str]:
         """On a redirect: the new host's own proxies, not the first host's."""
@@ -284,13 +471,19 @@ def call(
 
     def attempt() -> proto.Envelope:
         try:
-            with session.post(
-                url,
-                data=body,
-                headers=signed_headers(settings, operation, body, headers),
-                timeout=request_timeout(settings.timeout),
-                stream=True,
-            ) as response:
+            if isinstance(session, _Session):
+                response = session.send_api(
+                    url, body, signed_headers(settings, operation, body, headers), settings
+                )
+            else:
+                response = session.post(
+                    url,
+                    data=body,
+                    headers=signed_headers(settings, operation, body, headers),
+                    timeout=request_timeout(settings.timeout),
+                    stream=True,
+                )
+            with response:
                 content = read_limited(response.iter_content(CHUNK), operation)
         except requests.RequestException as err:
             raise requests_error(operation, err, settings.endpoint) from None
@@ -323,15 +516,26 @@ async def acall(
             headers=signed_headers(settings, operation, body),
             timeout=request_timeout(settings.timeout),
         )
+        slots = in_flight_limit()
+        granted = await slots.acquire()
         try:
-            async with _in_flight_slots():
-                response = await client.send(request, stream=True)
-                try:
+            response = await client.send(request, stream=True)
+            try:
+                length = response.headers.get("content-length", "")
+                if (
+                    length.isdigit()
+                    and int(length) <= MAX_RESPONSE_BYTES
+                    and "content-encoding" not in response.headers
+                ):
+                    content = await response.aread()  # announced, small, not inflated: read it whole
+                else:
                     content = await aread_limited(response.aiter_bytes(), operation)
-                finally:
-                    await response.aclose()
+            finally:
+                await response.aclose()
         except httpx.HTTPError as err:
             raise httpx_error(operation, err, settings.endpoint) from None
+        finally:
+            slots.release(granted)
         return proto.read_envelope(
             operation, response.status_code, response.headers, content, allow_failure=allow_failure
         )

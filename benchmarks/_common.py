@@ -74,8 +74,12 @@ class Emulator:
         app_secret: str = APP_SECRET,
         storage_dir: str | None = None,
         log_path: str | None = None,
+        seed: int | None = None,
+        latency: float = 0.0,
     ) -> None:
         self.duration = duration
+        self.seed = seed
+        self.latency = latency
         self.app_key = app_key
         self.app_secret = app_secret
         self.storage_dir = storage_dir
@@ -92,6 +96,10 @@ class Emulator:
         cmd += ["--duration", str(self.duration)]
         if self.storage_dir:
             cmd += ["--storage-dir", self.storage_dir]
+        if self.seed is not None:
+            cmd += ["--seed", str(self.seed)]
+        if self.latency:
+            cmd += ["--latency", str(self.latency)]
         env = {**os.environ, "SPEEDPIX_APP_SECRET": self.app_secret}
         self._log = tempfile.TemporaryFile(mode="w+") if self.log_path is None else open(self.log_path, "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(

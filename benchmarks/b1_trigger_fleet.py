@@ -1,24 +1,26 @@
 """B1 trigger fleet: N in-flight predictions polled by real SpeedPixPredictionTrigger.run() in ONE event loop.
 
-Variants (each in a fresh child process, so RSS deltas are not polluted by the other variant):
+Variants (each in a fresh child process, so RSS and CPU are not shared):
 
-* ``shared``      - the provider as shipped: every trigger uses the loop's one ``httpx.AsyncClient``.
-* ``per_trigger`` - baseline, the usual pattern: ``shared_async_client`` is monkeypatched so every trigger
-  gets (and keeps) its own ``httpx.AsyncClient``.
+* ``shared``      - the provider as shipped: every trigger uses the loop's one ``httpx.AsyncClient`` (lanes,
+  in-flight limit sized from the measured round trip).
+* ``floor``       - the floor: N plain coroutines make the same signed status call on the same schedule
+  with a minimal HTTP/1.1 keep-alive client on raw asyncio streams (``_floor.py``), as many connections
+  as the provider may open. No trigger, no retries, no timeouts: what one call must cost at least.
+* ``per_trigger`` - (``--variants``) the usual pattern: every trigger creates its own ``httpx.AsyncClient``.
 
-Per variant: N predictions lasting an hour are created beforehand (not measured); the triggers start
-staggered over one poll interval (a triggerer picks triggers up over time, not all in one tick) with
-``max_poll_interval == poll_interval`` so each polls at a fixed period; after every trigger has polled once
-plus one more interval (warm-up), a fixed window is measured:
+Per variant: N predictions lasting an hour are created beforehand (not measured); the pollers start
+staggered over one poll interval with a fixed period (``max_poll_interval == poll_interval``); after every
+one has polled once plus one more interval (warm-up), a fixed window is measured:
 
-* poll lag: how late each poll's ``asyncio.sleep`` in the trigger module wakes vs. when it asked to (p50/p99);
-* status-call latency: duration of each ``aget_prediction`` (includes waiting for a pooled connection);
-* CPU seconds per status call: this process's CPU during the window / ``comfy_get_progress`` calls the
-  emulator counted in the window;
-* RSS per in-flight prediction: (RSS at the end of the window - RSS before the triggers started) / N;
-* startup: seconds from launching the triggers until every one has completed its first poll;
-* saturation: emulator CPU utilisation (1.0 = one core, it is single-threaded) and achieved / expected
-  poll rate. If the server is the bottleneck the lag numbers describe the server, and the table says so.
+* achieved status calls/s (emulator-counted) against the needed N / interval;
+* effective poll period: time between two completed polls of the same prediction (sleep + waiting for a
+  slot + the call), p50/p99, against the interval;
+* CPU seconds per status call: this process's CPU during the window / status calls the emulator counted;
+* RSS per in-flight prediction and startup (until every poller has polled once);
+* emulator CPU (1.0 = one core; it is single-threaded) to tell when the server is the bottleneck.
+
+``--cases 1000:0,5000:0,5000:0.05`` picks fleet sizes and the latency (seconds) the emulator adds to each call.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 BENCH = "B1 trigger fleet"
-VARIANTS = ("per_trigger", "shared")  # baseline first
+VARIANTS = ("floor", "shared", "per_trigger")
 PREDICTION_SECONDS = 3600  # in flight for the whole measurement
 
 
@@ -44,6 +46,7 @@ PREDICTION_SECONDS = 3600  # in flight for the whole measurement
 
 
 async def _child_main(args: argparse.Namespace) -> dict:
+    import _floor
     import httpx
 
     import airflow_provider_speedpix._transport as transport_mod
@@ -75,6 +78,8 @@ async def _child_main(args: argparse.Namespace) -> dict:
 
     lags: list[float] = []
     latencies: list[float] = []
+    periods: list[float] = []
+    last_done: dict[str, float] = {}
     calls = 0
     errors = 0
     first_polled: set[str] = set()
@@ -96,18 +101,27 @@ async def _child_main(args: argparse.Namespace) -> dict:
     trig_mod.asyncio = TimedAsyncio()  # type: ignore[assignment]
     original_get = SpeedPixHook.aget_prediction
 
-    async def timed_get(self, prediction_id: str):
-        nonlocal calls, errors
+    def polled(prediction_id: str, started: float) -> None:
+        nonlocal calls
+        now = loop.time()
+        first_polled.add(prediction_id)
+        previous = last_done.get(prediction_id)
+        last_done[prediction_id] = now
+        if measuring:
+            latencies.append(now - started)
+            calls += 1
+            if previous is not None:
+                periods.append(now - previous)
+
+    async def timed_get(self, prediction_id: str, **kwargs):
+        nonlocal errors
         started = loop.time()
         try:
-            result = await original_get(self, prediction_id)
+            result = await original_get(self, prediction_id, **kwargs)
         except Exception:
             errors += 1
             raise
-        first_polled.add(prediction_id)
-        if measuring:
-            latencies.append(loop.time() - started)
-            calls += 1
+        polled(prediction_id, started)
         return result
 
     SpeedPixHook.aget_prediction = timed_get  # type: ignore[method-assign]
@@ -116,9 +130,27 @@ async def _child_main(args: argparse.Namespace) -> dict:
     emulator.url = args.url
     emulator.proc = type("P", (), {"pid": args.emulator_pid})()  # only .pid is used below
 
+    pool = _floor.RawPool(args.url, transport_mod.MAX_IN_FLIGHT)
+
+    async def floor_poller(prediction_id: str) -> None:
+        nonlocal errors
+        while True:
+            started = loop.time()
+            try:
+                await _floor.progress(pool, prediction_id, c.APP_KEY, c.APP_SECRET)
+            except Exception:
+                errors += 1
+            else:
+                polled(prediction_id, started)
+            await real_sleep(interval)
+
     # warm-up: imports, connection lookup, one client (and, for per_trigger, one extra client)
-    await asyncio.create_task(SpeedPixHook().aget_prediction(ids[0]))
+    if args.child == "floor":
+        await _floor.progress(pool, ids[0], c.APP_KEY, c.APP_SECRET)
+    else:
+        await asyncio.create_task(SpeedPixHook().aget_prediction(ids[0]))
     first_polled.clear()
+    last_done.clear()
     gc.collect()
     rss_before = c.rss_bytes()
 
@@ -126,6 +158,9 @@ async def _child_main(args: argparse.Namespace) -> dict:
 
     async def run_one(i: int, prediction_id: str) -> None:
         await real_sleep(i * interval / n)
+        if args.child == "floor":
+            await floor_poller(prediction_id)
+            return
         trigger = SpeedPixPredictionTrigger(
             prediction_id, poll_interval=interval, max_poll_interval=interval, max_consecutive_errors=1000
         )
@@ -154,9 +189,9 @@ async def _child_main(args: argparse.Namespace) -> dict:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
+    await pool.close()
     progress_calls = stats1["calls"]["comfy_get_progress"] - stats0["calls"]["comfy_get_progress"]
-    mean_latency = sum(latencies) / len(latencies) if latencies else 0.0
-    expected_rate = n / (interval + mean_latency)
+    slots = transport_mod._ASYNC_SLOTS.get(loop)
     return {
         "variant": args.child,
         "n": n,
@@ -169,6 +204,9 @@ async def _child_main(args: argparse.Namespace) -> dict:
         "lag_max": max(lags) if lags else float("nan"),
         "latency_p50": c.percentile(latencies, 50),
         "latency_p99": c.percentile(latencies, 99),
+        "period_p50": c.percentile(periods, 50),
+        "period_p99": c.percentile(periods, 99),
+        "in_flight_limit": None if slots is None else slots.limit,
         "client_calls": calls,
         "progress_calls": progress_calls,
         "errors": errors,
@@ -181,109 +219,135 @@ async def _child_main(args: argparse.Namespace) -> dict:
         "rss_after": rss_after,
         "emulator_cpu_util": emu_cpu / elapsed,
         "achieved_rate": progress_calls / elapsed,
-        "expected_rate": expected_rate,
+        "needed_rate": n / interval,
     }
 
 
 # ------------------------------------------------------------------------------------------ parent
 
 
-def auto_interval(n: int, max_rate: float) -> float:
-    """5 s, or longer when N / 5 s would exceed ``max_rate`` status calls per second."""
-    return max(5.0, round(n / max_rate, 1))
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
-    with c.Emulator(duration=3.0) as emu, tempfile.TemporaryDirectory(prefix="speedpix-b1-") as tmp:
-        c.setup_env(emu.url)
-        for n in args.sizes:
-            interval = args.poll_interval or auto_interval(n, args.max_rate)
+    with tempfile.TemporaryDirectory(prefix="speedpix-b1-") as tmp:
+        for n, latency in args.cases:
+            interval = args.poll_interval
             results = {}
-            for variant in VARIANTS:
-                emu.reset()
-                created = asyncio.run(c.acreate_predictions(emu.url, f"sleep-{PREDICTION_SECONDS}", n))
-                ids_file = Path(tmp) / f"ids-{n}.json"
-                ids_file.write_text(json.dumps([pid for pid, _, _ in created]))
-                cmd = [sys.executable, __file__, "--child", variant, "--ids-file", str(ids_file)]
-                cmd += ["--url", emu.url, "--emulator-pid", str(emu.pid), "--window", str(args.window)]
-                cmd += ["--poll-interval", str(interval), "--startup-timeout", str(args.startup_timeout)]
-                timeout = args.startup_timeout + args.window + 2 * interval + 120
-                results[variant] = res = c.child_json(cmd, timeout=timeout, log=sys.stderr)
-                print(f"# B1 n={n} {variant}: {json.dumps(res)}", file=sys.stderr, flush=True)
-            rows += _rows(n, interval, results)
+            with c.Emulator(duration=3.0, latency=latency) as emu:
+                c.setup_env(emu.url)
+                for variant in args.variants:
+                    emu.reset()
+                    created = asyncio.run(
+                        c.acreate_predictions(emu.url, f"sleep-{PREDICTION_SECONDS}", n, concurrency=64)
+                    )
+                    ids_file = Path(tmp) / f"ids-{n}.json"
+                    ids_file.write_text(json.dumps([pid for pid, _, _ in created]))
+                    cmd = [sys.executable, __file__, "--child", variant, "--ids-file", str(ids_file)]
+                    cmd += ["--url", emu.url, "--emulator-pid", str(emu.pid), "--window", str(args.window)]
+                    cmd += ["--poll-interval", str(interval), "--startup-timeout", str(args.startup_timeout)]
+                    timeout = args.startup_timeout + args.window + 2 * interval + 120
+                    results[variant] = res = c.child_json(cmd, timeout=timeout, log=sys.stderr)
+                    print(
+                        f"# B1 n={n} latency={latency} {variant}: {json.dumps(res)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            rows += _rows(n, interval, latency, results)
     return rows
 
 
-def _rows(n: int, interval: float, results: dict) -> list[dict]:
-    base, ours = results["per_trigger"], results["shared"]
+def _rows(n: int, interval: float, latency: float, results: dict) -> list[dict]:
+    ours = results["shared"]
+    floor = results.get("floor")
+    case = f"{n} @ {interval:g}s" + (f", +{latency * 1000:g} ms/call" if latency else "")
+    label = "shared client"
     out = []
-    spec = [
-        ("poll lag p50 (s)", "lag_p50"),
-        ("poll lag p99 (s)", "lag_p99"),
-        ("status call latency p99 (s)", "latency_p99"),
-        ("CPU s per status call", "cpu_per_call"),
-        ("RSS per in-flight prediction (KiB)", "rss_per_prediction"),
-        ("startup to all polling (s)", "startup_s"),
-    ]
-    for metric, key in spec:
-        scale = 1 / 1024 if key == "rss_per_prediction" else 1
+    rate_ok = ours["achieved_rate"] >= 0.95 * ours["needed_rate"]
+    period_ok = ours["period_p99"] <= 1.2 * interval
+
+    def load(res: dict) -> str:
+        note = f"emulator CPU {res['emulator_cpu_util']:.0%} of a core"
+        note += f"; {res['errors']} errors" if res["errors"] else ""
+        note += "" if res["all_started"] else "; not all pollers polled before the window"
+        return note
+
+    out.append(
+        c.row(
+            BENCH,
+            label,
+            "status calls/s achieved",
+            ours["achieved_rate"],
+            baseline=ours["needed_rate"],
+            baseline_variant="needed: N / interval",
+            n=case,
+            better="higher",
+            note=f"goal >= 0.95x: {'met' if rate_ok else 'NOT met'}; {load(ours)}; in-flight limit {ours['in_flight_limit']}",
+        )
+    )
+    out.append(
+        c.row(
+            BENCH,
+            label,
+            "effective poll period p99 (s)",
+            ours["period_p99"],
+            baseline=interval,
+            baseline_variant="the interval",
+            n=case,
+            note=f"goal <= 1.2x: {'met' if period_ok else 'NOT met'}; p50 {ours['period_p50']:.2f} s; status call latency p99 {ours['latency_p99']:.3f} s",
+        )
+    )
+    if floor is not None:
+        cpu_ok = ours["cpu_per_call"] <= 2 * floor["cpu_per_call"]
         out.append(
             c.row(
                 BENCH,
-                "shared client",
-                metric,
-                ours[key] * scale,
-                baseline=base[key] * scale,
-                baseline_variant="client per trigger",
-                n=n,
+                label,
+                "CPU ms per status call",
+                1000 * ours["cpu_per_call"],
+                baseline=1000 * floor["cpu_per_call"],
+                baseline_variant="floor: raw asyncio streams",
+                n=case,
+                note=f"goal <= 2x: {'met' if cpu_ok else 'NOT met'}; floor achieved {floor['achieved_rate']:.0f} calls/s, period p99 {floor['period_p99']:.2f} s; {load(floor)}",
             )
         )
-    for name, res in (("shared client", ours), ("client per trigger", base)):
-        saturated = res["emulator_cpu_util"] > 0.85 or res["achieved_rate"] < 0.9 * res["expected_rate"]
-        note = (
-            f"poll every {interval:g}s; {res['achieved_rate']:.0f}/{res['expected_rate']:.0f} calls/s "
-            f"achieved/expected; emulator CPU {res['emulator_cpu_util']:.0%} of a core"
-            + ("; SATURATED" if saturated else "")
-            + (f"; {res['errors']} errors" if res["errors"] else "")
-            + ("" if res["all_started"] else "; not all triggers polled before the window")
+    base = results.get("per_trigger")
+    out.append(
+        c.row(
+            BENCH,
+            label,
+            "RSS per in-flight prediction (KiB)",
+            ours["rss_per_prediction"] / 1024,
+            baseline=None if base is None else base["rss_per_prediction"] / 1024,
+            baseline_variant=None if base is None else "client per trigger",
+            n=case,
+            note=f"startup to all polling {ours['startup_s']:.1f} s (the stagger alone is {interval:g} s)",
         )
-        out.append(
-            c.row(
-                BENCH,
-                name,
-                "status calls/s in window",
-                res["achieved_rate"],
-                n=n,
-                better="higher",
-                note=note,
-            )
-        )
+    )
     return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1000,2000,5000", help="comma-separated fleet sizes")
-    parser.add_argument("--window", type=float, default=30.0, help="measured seconds per variant")
     parser.add_argument(
-        "--poll-interval", type=float, default=None, help="default: 5 s, longer above --max-rate"
+        "--cases",
+        default="1000:0,5000:0,5000:0.05",
+        help="comma-separated N:latency (seconds added per call)",
     )
-    parser.add_argument(
-        "--max-rate",
-        type=float,
-        default=500.0,
-        help="status calls/s the emulator is asked to serve at most (picks the poll interval)",
-    )
+    parser.add_argument("--variants", default="floor,shared", help="of floor, shared, per_trigger")
+    parser.add_argument("--window", type=float, default=20.0, help="measured seconds per variant")
+    parser.add_argument("--poll-interval", type=float, default=5.0)
     parser.add_argument("--startup-timeout", type=float, default=420.0)
     parser.add_argument("--json-out", default=None)
     # child mode
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--ids-file", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--emulator-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    args.cases = [
+        (int(n), float(lat)) for n, _, lat in (x.partition(":") for x in args.cases.split(",") if x)
+    ]
+    args.variants = [v for v in args.variants.split(",") if v]
     return args
 
 

@@ -21,16 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 FULL = {
-    "b1_trigger_fleet.py": ["--sizes", "1000,2000,5000", "--window", "20"],
+    "b1_trigger_fleet.py": ["--cases", "1000:0,5000:0,5000:0.05", "--window", "20"],
     "b3_upload_memory.py": ["--size-mb", "1024"],
     "b4_adaptive_polling.py": ["--durations", "2,5,10,20,40,80,120", "--repeat", "3"],
     "b5_call_overhead.py": ["--count", "500", "--block", "50"],
     "b6_batch.py": ["--items", "1000", "--window", "200", "--seconds", "20"],
 }
 QUICK = {
-    "b1_trigger_fleet.py": ["--sizes", "200", "--window", "10"],
+    "b1_trigger_fleet.py": ["--cases", "200:0,200:0.05", "--window", "8"],
     "b3_upload_memory.py": ["--size-mb", "64"],
-    "b4_adaptive_polling.py": ["--durations", "2,5,10,20", "--repeat", "2"],
+    "b4_adaptive_polling.py": ["--durations", "2,5,10", "--repeat", "2"],
     "b5_call_overhead.py": ["--count", "200", "--block", "50"],
     "b6_batch.py": ["--items", "40", "--window", "20", "--seconds", "5"],
 }
@@ -49,7 +49,7 @@ def b2_rows() -> list[dict]:
     path = c.RESULTS_DIR / "b2_deferral.json"
     try:
         data = json.loads(path.read_text())
-        ours, base = data["deferrable"], data["blocking_projected_to_deferrable_duration"]
+        ours, base = data["deferrable"], data["blocking_projected_to_deferrable_prediction_length"]
         note = (
             f"from `{data.get('command', 'make e2e')}` at {data.get('date', '?')}; blocking measured with "
             f"{data['blocking_measured']['prediction_seconds']:g} s predictions and projected to "
@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmarks run")
     parser.add_argument("--only", default="", help="comma-separated subset, e.g. b1,b5")
-    parser.add_argument("--output", default=str(c.RESULTS_DIR / "latest.md"))
+    parser.add_argument(
+        "--output", default=None, help="default: results/latest.md, or results/quick.md with --quick"
+    )
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = str(c.RESULTS_DIR / ("quick.md" if args.quick else "latest.md"))
     plan = QUICK if args.quick else FULL
     if args.only:
         wanted = {w.strip().lower() for w in args.only.split(",")}
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header = [
         f"Benchmarks run {machine['date']} on {machine['platform']}, {machine['cpu_count']} CPUs "
-        f"(1-min load average at start {machine['loadavg_1m']}), Python {machine['python']}, "
+        f"(load average at start {machine['loadavg_1m']}, at end {c.machine_info()['loadavg_1m']}), "
+        f"Python {machine['python']}, "
         f"Airflow {machine['airflow']}.",
         "",
         f"Command: `{command}` ({total / 60:.1f} min: {', '.join(timings)}).",

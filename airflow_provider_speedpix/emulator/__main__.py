@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-task estimate errors")
     parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="added to every signed API call before it is answered (a remote service)",
+    )
+    parser.add_argument(
         "--full-pool",
         action="append",
         default=[],
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             eta_error=args.eta_error,
             eta_bias=args.eta_bias,
             seed=args.seed,
+            latency=args.latency,
             full_pool_ids=set(args.full_pool),
         )
     except ValueError as exc:

@@ -27,6 +27,7 @@ described in ``docs/emulator.md``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import uuid
@@ -151,6 +152,8 @@ class EmulatorState:
             return not_found_response(request.url.path)
         operation, handler = found
         body_bytes = await request.body()
+        if self.config.latency:
+            await asyncio.sleep(self.config.latency)  # a remote service: concurrent calls wait together
         refused = self.gateway.check("POST", request.url.path, request.headers, body_bytes)
         if refused is not None:
             return refused

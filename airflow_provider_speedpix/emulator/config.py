@@ -35,6 +35,9 @@ class EmulatorConfig:
     seed: int = 0
     #: private resource pools that are over their utilisation limit
     full_pool_ids: set[str] = field(default_factory=set)
+    #: seconds added to every signed API call before it is answered (a service far away); other calls
+    #: are waited out concurrently, as network latency would be
+    latency: float = 0.0
     #: time for every part of the emulator; :class:`~.clock.ManualClock` in tests
     clock: Clock = field(default_factory=Clock, repr=False, compare=False)
 
@@ -43,7 +46,7 @@ class EmulatorConfig:
             self.capacity = int(self.capacity) or None
             if self.capacity is not None and self.capacity < 0:
                 raise ValueError("capacity must be >= 0 (0: unlimited)")
-        for name in ("duration", "eta_error", "timestamp_window_s", "upload_url_ttl_s"):
+        for name in ("duration", "eta_error", "timestamp_window_s", "upload_url_ttl_s", "latency"):
             setattr(self, name, _non_negative(name, getattr(self, name)))
         self.eta_bias = _bias(self.eta_bias)
 
@@ -59,6 +62,7 @@ RUNTIME_SETTINGS = (
     "upload_url_ttl_s",
     "eta_error",
     "eta_bias",
+    "latency",
 )
 #: shown by ``GET /_emulator/config`` but fixed for the server's life
 FIXED_SETTINGS = ("public_url", "app_key", "capacity", "seed")
