@@ -50,11 +50,6 @@ def safe_filename(name: str, fallback: str = "output") -> str:
     return name[:200]
 
 
-def url_for_log(url: str) -> str:
-    """Scheme, host and path only: query strings of storage URLs are credentials."""
-    return unsigned_url(url)
-
-
 def _xml_code(text: str) -> str:
     match = re.search(r"<Code>([^<]{1,64})</Code>", text)
     return match.group(1) if match else ""
@@ -315,7 +310,7 @@ def download(
     scheme = urllib.parse.urlsplit(str(url)).scheme
     if scheme not in ("http", "https"):
         raise SpeedPixDownloadError(
-            f"Refusing to download {url_for_log(str(url))[:100]!r}: only http(s) URLs are fetched (got scheme {scheme!r})."
+            f"Refusing to download {unsigned_url(str(url))[:100]!r}: only http(s) URLs are fetched (got scheme {scheme!r})."
         )
     target = resolve_destination(url, destination)
     host = urllib.parse.urlsplit(url).netloc
@@ -325,7 +320,7 @@ def download(
             with session.get(url, stream=True, timeout=settings.timeout) as response:
                 if response.status_code >= 400:
                     raise SpeedPixDownloadError(
-                        f"Downloading {url_for_log(url)} failed: HTTP {response.status_code}. Output URLs "
+                        f"Downloading {unsigned_url(url)} failed: HTTP {response.status_code}. Output URLs "
                         "are temporary; download soon after the prediction finishes.",
                         retryable=retryable_status(response.status_code),
                     )
@@ -337,7 +332,7 @@ def download(
             # Raised below, outside this block: requests' error names the full URL (the query string of
             # a pre-signed URL is a credential) and would stay chained as __context__ even `from None`.
             failure: SpeedPixError = requests_error("download", err, host)
-        raise SpeedPixDownloadError(f"Downloading {url_for_log(url)}: {failure}", retryable=True)
+        raise SpeedPixDownloadError(f"Downloading {unsigned_url(url)}: {failure}", retryable=True)
 
     return settings.retry_policy.run("download", attempt, log)
 
