@@ -15,7 +15,7 @@ FLOOR_PINS := apache-airflow==3.3.0 apache-airflow-providers-common-compat==1.23
 	requests==2.32.2 httpx==0.28.0
 FLOOR_STAMP := $(FLOOR_VENV)/.installed-floor
 
-.PHONY: venv venv-floor demo test test-floor lint e2e e2e-distributed bench clean
+.PHONY: venv venv-floor demo gallery test test-floor lint e2e e2e-distributed bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ venv-floor: $(FLOOR_STAMP)
 ## Run the example DAG end to end against the bundled emulator and print the saved image's path.
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+## Serve the Airflow UI on the demo's database; the gallery page `make demo` printed shows its images.
+gallery: $(STAMP)
+	$(BIN)/python scripts/demo.py --serve
 
 ## Lint, format check, type check and the whole test suite (the e2e suite is `make e2e`).
 test: lint

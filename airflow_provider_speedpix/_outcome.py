@@ -231,6 +231,21 @@ def describe_finished(prediction: Prediction) -> str:
     return text + (": " + ", ".join(details) if details else "")
 
 
+def describe_closing(prediction: Prediction, submitted_at: Any, files: list[str]) -> str:
+    """The task's last line: ``Prediction p-1 succeeded after 41 s (ran 4.5 s), 2 files saved to /out``.
+    "after" counts from the submit (queue included), when it is known; "ran" is SpeedPix's run time."""
+    text = f"Prediction {prediction.id} {prediction.status}"
+    if isinstance(submitted_at, int | float):
+        text += f" after {max(time.time() - submitted_at, 0.0):.0f} s"
+    if prediction.run_seconds is not None:
+        text += f" (ran {prediction.run_seconds:g} s)"
+    if not files:
+        return text + ", no files saved (set output_dir to keep them)"
+    folders = {f.rsplit("/", 1)[0] for f in files}  # s3://b/k too
+    where = f" to {folders.pop()}" if len(folders) == 1 else ""
+    return text + f", {len(files)} file{'s' if len(files) > 1 else ''} saved{where}"
+
+
 # ---------------------------------------------------------------------- deferral
 def defer_to_trigger(
     prediction_id: str,

@@ -4,7 +4,10 @@ Starts the emulator on a free loopback port with room for one running task (``--
 ``speedpix_default`` connection at it, submits four predictions of "another team" so the example's own
 prediction has a queue to wait in (the task log shows ``queued, 1 ahead`` ... ``running 40%``), runs
 ``airflow dags test speedpix_white_background``, checks the saved output is a PNG, prints its path and
-stops the emulator.
+the address of the run's gallery page, and stops the emulator.
+
+``--serve`` (``make gallery``) starts an api-server on that same Airflow home, so the gallery page the demo
+printed shows the run's images in the Airflow UI (docs/gallery.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".demo"
@@ -26,6 +30,8 @@ BIN = Path(sys.executable).parent
 DAG_ID = "speedpix_white_background"
 #: Predictions submitted before the DAG runs, so the demo's task log shows a real queue position.
 QUEUE_AHEAD = 4
+#: Where ``make gallery`` serves the Airflow UI.
+GALLERY_PORT = int(os.environ.get("SPEEDPIX_DEMO_PORT", "28080"))
 #: Each of those runs this long (the emulator's ``sleep-<seconds>`` workflows), so the queue lasts ~24 s.
 OTHER_JOB_SECONDS = 6
 
@@ -60,7 +66,59 @@ def occupy_the_queue(env: dict[str, str], predictions: int) -> None:
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
+def airflow_env(**extra: str) -> dict[str, str]:
+    """The demo's Airflow: its own home and SQLite database under ``.demo``, the example DAGs."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "AIRFLOW_HOME": str(WORK / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags_examples"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        **extra,
+    }
+
+
+def last_run_id(env: dict[str, str]) -> str | None:
+    listed = subprocess.run(
+        [str(BIN / "airflow"), "dags", "list-runs", DAG_ID, "-o", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # the JSON is the last line: Airflow prints warnings (graphviz missing, ...) on stdout before it
+    lines = [line for line in listed.stdout.splitlines() if line.startswith("[")]
+    try:
+        runs = json.loads(lines[-1]) if lines else []
+    except ValueError:
+        return None
+    return runs[0]["run_id"] if runs else None
+
+
+def gallery_url(run_id: str) -> str:
+    return f"http://127.0.0.1:{GALLERY_PORT}/speedpix/gallery/dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+
+
+def serve() -> int:
+    """``make gallery``: the Airflow UI on the demo's database, so its gallery shows the demo's images."""
+    env = airflow_env(AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True")  # a local demo: no login
+    run_id = last_run_id(env) if (WORK / "airflow").is_dir() else None
+    if run_id is None:
+        sys.exit("demo: no demo run to show yet: run `make demo` first")
+    print(f"SpeedPix gallery of the demo run (Ctrl-C stops the server): {gallery_url(run_id)}", flush=True)
+    try:
+        return subprocess.run(
+            [str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(GALLERY_PORT)],
+            env=env,
+            check=False,
+        ).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--serve"]:
+        return serve()
     shutil.rmtree(WORK, ignore_errors=True)
     output_dir = WORK / "output"
     port = free_port()
@@ -85,17 +143,12 @@ def main() -> int:
     )
     try:
         wait_until_up(url, emulator)
-        env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "AIRFLOW_HOME": str(WORK / "airflow"),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags_examples"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW_CONN_SPEEDPIX_DEFAULT": json.dumps(
+        env = airflow_env(
+            AIRFLOW_CONN_SPEEDPIX_DEFAULT=json.dumps(
                 {"conn_type": "speedpix", "host": url, "login": "demo-key", "password": secret}
             ),
-            "SPEEDPIX_OUTPUT_DIR": str(output_dir),
-        }
+            SPEEDPIX_OUTPUT_DIR=str(output_dir),
+        )
         subprocess.run(
             [str(BIN / "airflow"), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL
         )
@@ -119,6 +172,9 @@ def main() -> int:
     own = calls["comfy_prompt"] - QUEUE_AHEAD
     print(f"\nSpeedPix demo succeeded: the DAG made {own} prediction(s), queued behind {QUEUE_AHEAD} others.")
     print(f"Output image: {images[0]}")
+    run_id = last_run_id(env)
+    if run_id is not None:
+        print(f"In the Airflow UI: `make gallery`, then open {gallery_url(run_id)}")
     return 0
 
 

@@ -138,6 +138,10 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-images-only", inputs
     text = capsys.readouterr().out
     assert "succeeded: ran 0.9 s (" in text and "2 default images" in text
     assert "Saved images[0] to " in text and "Saved images[1] to " in text
+    # the task log's closing line: wall time since the submit, SpeedPix's run time, what was kept where
+    closing = re.search(rf"Prediction {prediction_id} succeeded after (\d+) s \(ran 0.9 s\), (.*)", text)
+    assert closing is not None, text[-2000:]
+    assert closing.group(2).startswith(f"2 files saved to {Path(result['files'][0]).parent} ")
     if not deferrable:  # the worker's own wait shows percentages (the trigger's: tests/test_progress.py)
         assert re.search(r"Prediction \w+ running \d+%", text)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from airflow_provider_speedpix._outcome import (
+    describe_closing,
     describe_finished,
     describe_progress,
     log_progress,
@@ -111,6 +113,13 @@ def test_images_only_workflow_output_and_timing(emu, path):
     assert done.workflow_id == "wf-images-only"
     assert describe_finished(done).startswith("succeeded: ran 0.9 s (")
     assert describe_finished(done).endswith(", 2 default images")
+    closing = describe_closing(done, time.time() - 41.4, ["s3://b/run/image_0.png", "s3://b/run/image_1.png"])
+    assert (
+        closing == f"Prediction {prediction_id} succeeded after 41 s (ran 0.9 s), 2 files saved to s3://b/run"
+    )
+    assert describe_closing(done, None, []).endswith(
+        "succeeded (ran 0.9 s), no files saved (set output_dir to keep them)"
+    )
 
 
 def test_hook_run_returns_default_images_instead_of_nothing(emulator, monkeypatch):

@@ -20,6 +20,7 @@ from airflow_provider_speedpix._outcome import (
     check_positive,
     check_reference_at_parse,
     defer_to_trigger,
+    describe_closing,
     describe_finished,
     log_progress,
     prediction_from_event,
@@ -347,6 +348,7 @@ class SpeedPixRunOperator(BaseOperator):
                 len(prediction.images),
             )
         self._forget(store)
+        self.log.info("%s", describe_closing(prediction, self._state.get("created_at"), files))
         return {
             "prediction_id": prediction.id,
             "status": prediction.status,
