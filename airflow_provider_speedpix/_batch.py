@@ -182,12 +182,19 @@ class BatchState:
         return max(0, self.max_in_flight - self.counts().in_flight)
 
     def next_to_submit(self) -> Item | None:
-        if self.free_slots() <= 0:
-            return None
+        group = self.next_group(1)
+        return group[0] if group else None
+
+    def next_group(self, size: int) -> list[Item]:
+        """The next queued items, in order, as many as ``size`` and the window's free slots allow."""
+        room = min(size, self.free_slots())
+        group: list[Item] = []
         for item in self.items:
+            if len(group) >= room:
+                break
             if self.states[item.item_id].status == QUEUED:
-                return item
-        return None
+                group.append(item)
+        return group
 
     def all_done(self) -> bool:
         return all(state.status in DONE for state in self.states.values())

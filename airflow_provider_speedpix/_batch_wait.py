@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from airflow_provider_speedpix._concurrency import concurrently
 from airflow_provider_speedpix._polling import LAST_POLL_SECONDS
-from airflow_provider_speedpix._protocol import PROGRESS
+from airflow_provider_speedpix._protocol import PROGRESS, Prediction
 from airflow_provider_speedpix._retry import should_retry
 from airflow_provider_speedpix.exceptions import SpeedPixError, SpeedPixNotFoundError
 
@@ -66,9 +67,9 @@ def poll_round(hook: Any, prediction_ids: list[str], *, wake_at: float | None) -
     return polled
 
 
-def finished_of(event: Any) -> dict[str, str]:
-    """The ``finished`` map of a :class:`SpeedPixBatchTrigger` event; raise for an ``error`` event or one
-    the trigger does not send."""
+def finished_of(event: Any) -> tuple[dict[str, str], list[str]]:
+    """The ``finished`` map (id -> status) and the ``due`` ids (expected to end within moments) of a
+    :class:`SpeedPixBatchTrigger` event; raise for an ``error`` event or one the trigger does not send."""
     if not isinstance(event, dict) or event.get("status") not in ("success", "error"):
         raise SpeedPixError(f"Unexpected event from SpeedPixBatchTrigger: {event!r:.300}")
     if event["status"] == "error":
@@ -78,18 +79,30 @@ def finished_of(event: Any) -> dict[str, str]:
             "task reconnects to every recorded prediction."
         )
     finished = event.get("finished")
-    return finished if isinstance(finished, dict) else {}
+    due = event.get("due")
+    return (
+        finished if isinstance(finished, dict) else {},
+        [p for p in due if isinstance(p, str)] if isinstance(due, list) else [],
+    )
 
 
 def read_finished(hook: Any, finished: dict[str, str]) -> dict[str, Any]:
-    """The worker reads every prediction the trigger saw finish again (the event carries no URLs)."""
-    read: dict[str, Any] = {}
-    for prediction_id, status in finished.items():
-        if status == LOST:
+    """Read each prediction the trigger saw finish again (its event carries no URLs), ``CONCURRENCY`` at
+    a time: id -> :class:`Prediction`, or :data:`LOST` for one SpeedPix does not know."""
+    read: dict[str, Any] = {p: LOST for p, status in finished.items() if status == LOST}
+    ids = [p for p in finished if p not in read]
+    for prediction_id, answer in zip(ids, concurrently(hook.get_prediction, ids), strict=True):
+        if isinstance(answer, SpeedPixNotFoundError):
             read[prediction_id] = LOST
-            continue
-        try:
-            read[prediction_id] = hook.get_prediction(prediction_id)
-        except SpeedPixNotFoundError:
-            read[prediction_id] = LOST
+        elif isinstance(answer, BaseException):
+            raise answer
+        else:
+            read[prediction_id] = answer
     return read
+
+
+def read_due(hook: Any, due: list[str]) -> dict[str, Any]:
+    """Those of ``due`` that have finished by now (id -> :class:`Prediction`); the rest, and any read
+    that fails, are left to the next wait."""
+    answers = concurrently(hook.get_prediction, due)
+    return {p: a for p, a in zip(due, answers, strict=True) if isinstance(a, Prediction) and a.finished}

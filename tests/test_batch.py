@@ -288,8 +288,9 @@ def test_item_retries_exhausted_count_as_failed(run_dag, batch_emulator, tmp_pat
 
 @pytest.mark.parametrize("deferrable", [True, False])
 def test_throttling_slows_down_never_fails(run_dag, batch_emulator, tmp_path, deferrable, capsys):
-    # 429s beyond the hook's own retries (retry_limit=2): three rounds of throttled submissions
-    batch_emulator.inject("comfy_prompt", "429", times=6)
+    # 429s beyond the hook's own retries (retry_limit=2 attempts): the 6 items' concurrent creates use up
+    # 12 in the first round, which submits nothing and backs off; the next round submits all 6
+    batch_emulator.inject("comfy_prompt", "429", times=12)
     dr = run_dag(
         batch_dag(
             tmp_path / "out", products(6), item_id_field="sku", poll_interval=0.2, deferrable=deferrable
@@ -298,7 +299,7 @@ def test_throttling_slows_down_never_fails(run_dag, batch_emulator, tmp_path, de
     assert dr.state == "success"
     summary = xcom(dr, "batch")
     assert (summary["succeeded"], summary["failed"], summary["predictions_created"]) == (6, 0, 6)
-    assert batch_emulator.stats()["faults_fired"]["comfy_prompt"]["429"] == 6
+    assert batch_emulator.stats()["faults_fired"]["comfy_prompt"]["429"] == 12
     assert "asked to slow down" in capsys.readouterr().out
 
 
@@ -435,3 +436,56 @@ def test_literal_references_still_fail_at_parse(options, needle):
     args = {"task_id": "b", "workflow_id": "wf", "items": [], "output_dir": "/tmp/x", **options}
     with pytest.raises(SpeedPixConfigError, match=needle):
         SpeedPixBatchRunOperator(**args)
+
+
+class DictStateStore:
+    """``task_state_store`` as a dict (what survives between execute and execute_complete)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+    def set(self, key: str, value: Any) -> None:
+        self.values[key] = json.loads(json.dumps(value))
+
+    def delete(self, key: str) -> None:
+        self.values.pop(key, None)
+
+
+def test_due_predictions_are_collected_in_the_same_round(make_emulator, speedpix_conn, monkeypatch, tmp_path):
+    """The trigger saw one of two finish and listed the other as due (ending within moments): on resume the
+    worker reads the due one too, and the batch finishes in that round instead of deferring again."""
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    emu = make_emulator(duration=1.0)  # a manual clock: nothing ends until advanced
+    use_emulator_connection(monkeypatch, emu, **FAST_RETRIES)
+    context: dict[str, Any] = {"task_state_store": DictStateStore()}
+
+    def operator() -> SpeedPixBatchRunOperator:  # a fresh instance per entry point, as on a worker
+        return SpeedPixBatchRunOperator(
+            task_id="batch", workflow_id="wf-white", items=products(2), item_id_field="sku",
+            output_dir=str(tmp_path / "out"), max_in_flight=2, deferrable=True,
+        )  # fmt: skip
+
+    with pytest.raises(TaskDeferred) as deferred:
+        operator().execute(context)
+    first, second = deferred.value.trigger.prediction_ids
+    emu.clock.advance(2)
+    event = {"status": "success", "finished": {first: "succeeded"}, "due": [second], "pending": 1}
+    summary = operator().execute_complete(context, event)
+    assert (summary["succeeded"], summary["total"]) == (2, 2)
+    assert emu.stats()["calls"]["comfy_prompt"] == 2
+    assert sorted(p.parent.name for p in (tmp_path / "out").rglob("*.png")) == ["SKU-000", "SKU-001"]
+
+    # a due prediction that has not ended yet stays in flight: the worker defers again for it
+    context = {"task_state_store": DictStateStore()}
+    with pytest.raises(TaskDeferred) as deferred:
+        operator().execute(context)
+    first, second = deferred.value.trigger.prediction_ids
+    emu.clock.advance(0.5)
+    event = {"status": "success", "finished": {}, "due": [first, second], "pending": 2}
+    with pytest.raises(TaskDeferred) as deferred:
+        operator().execute_complete(context, event)
+    assert deferred.value.trigger.prediction_ids == [first, second]

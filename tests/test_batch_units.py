@@ -103,6 +103,55 @@ def test_window_accounting_and_resume_threshold():
     assert state.next_to_submit().index == 4
 
 
+def test_next_group_fills_the_window_in_order():
+    state = state_of(10, window=5, retries=1)
+    assert [i.index for i in state.next_group(3)] == [0, 1, 2]
+    for item in state.next_group(3):
+        state.submitted(item.item_id, f"p{item.index}", "fp", 0.0)
+    assert [i.index for i in state.next_group(8)] == [3, 4]  # only 2 free slots left
+    state.failed("1", "E", "boom", retry=True)  # back in the queue, ahead of later items
+    assert [i.index for i in state.next_group(8)] == [1, 3, 4]
+
+
+class CountingStore:
+    """A ``task_state_store`` double that is slow to write, to let saves overlap."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.writes = 0
+
+    def set(self, key: str, value: Any) -> None:
+        import time
+
+        time.sleep(0.02)
+        self.values[key] = json.loads(json.dumps(value))
+        self.writes += 1
+
+
+def test_chunk_writer_saves_every_change_before_returning_in_fewer_writes():
+    """Eight threads each save right after their change: when save() returns, the stored chunk holds that
+    change; overlapping saves go out together, so 64 changes take far fewer than 64 writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = state_of(64, window=64)
+    backend = CountingStore()
+    store = _batch_store.BatchStore(backend, log=None, deferrable=True)
+    writer = _batch_store.ChunkWriter(store, state)
+    unsaved: list[str] = []
+
+    def submit(item):
+        version = writer.change(lambda: state.submitted(item.item_id, f"p-{item.item_id}", "fp", 0.0))
+        writer.save(item.chunk, version)
+        stored = backend.values[_batch_store.state_key(item.chunk)]
+        if f"p-{item.item_id}" not in json.dumps(stored):
+            unsaved.append(item.item_id)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(submit, state.items))
+    assert unsaved == []
+    assert 8 <= backend.writes < 64 / 2
+
+
 def test_item_retries_then_failed_for_good():
     state = state_of(1, retries=2)
     for attempt in (1, 2, 3):
@@ -193,8 +242,9 @@ class FakeHook:
 
     created = 0
 
-    def __init__(self, script: dict[str, Any]) -> None:
+    def __init__(self, script: dict[str, Any], etas: dict[str, float] | None = None) -> None:
         self.script = script
+        self.etas = etas or {}
         self.calls: list[str] = []
         self.budgets: list[float | None] = []
         self.active = 0
@@ -215,7 +265,7 @@ class FakeHook:
             answer = answer.pop(0) if len(answer) > 1 else answer[0]
         if isinstance(answer, BaseException):
             raise answer
-        return Prediction(id=prediction_id, status=answer, eta_seconds=1.0)
+        return Prediction(id=prediction_id, status=answer, eta_seconds=self.etas.get(prediction_id, 1.0))
 
     def create_prediction(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - must not happen
         FakeHook.created += 1
@@ -245,11 +295,14 @@ def test_trigger_fires_at_threshold_with_small_event(monkeypatch):
             "d": ["running", "succeeded"],
         }
     )
+    hook.etas = {"c": trigger_module.DUE_SECONDS + 0.5}
     trigger = SpeedPixBatchTrigger(["a", "b", "c", "d"], min_finished=2, poll_interval=1.0)
     [event] = run_trigger(monkeypatch, trigger, hook, [1000.0])
     assert event["status"] == "success"
     assert event["finished"] == {"a": "succeeded", "d": "succeeded"}
     assert event["pending"] == 2
+    # running and expected to end within DUE_SECONDS: the worker reads it in the same round; c is not due
+    assert event["due"] == ["b"]
     assert "url" not in json.dumps(event)
     assert FakeHook.created == 0
 
@@ -268,6 +321,7 @@ def test_trigger_wakes_at_wake_at_with_what_finished(monkeypatch):
     assert event == {
         "status": "success",
         "finished": {},
+        "due": ["a", "b"],
         "pending": 2,
         "message": "0 of 2 predictions finished",
     }

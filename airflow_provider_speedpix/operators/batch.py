@@ -20,8 +20,9 @@ from airflow_provider_speedpix import _batch, _batch_manifest, _batch_wait, _met
 from airflow_provider_speedpix._batch import BatchState, Item
 from airflow_provider_speedpix._batch_items import build_items, load_rows
 from airflow_provider_speedpix._batch_manifest import MANIFEST_NAME
-from airflow_provider_speedpix._batch_store import BatchStore
+from airflow_provider_speedpix._batch_store import BatchStore, ChunkWriter
 from airflow_provider_speedpix._batch_wait import LOST
+from airflow_provider_speedpix._concurrency import CONCURRENCY, concurrently
 from airflow_provider_speedpix._fingerprint import request_fingerprint
 from airflow_provider_speedpix._inputs import check_strategy
 from airflow_provider_speedpix._outcome import (
@@ -170,8 +171,11 @@ class SpeedPixBatchRunOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
         """Resume after the trigger fired: read each finished prediction, save, top up, wait again."""
         self._setup(context, new_try=False)
-        finished = _batch_wait.finished_of(event)
-        return self._run(context, _batch_wait.read_finished(self.hook, finished))
+        finished, due = _batch_wait.finished_of(event)
+        self._collect(_batch_wait.read_finished(self.hook, finished))
+        # the trigger expected these to end within moments: most have by now, and are collected in this
+        # round instead of holding their window slots until the next one
+        return self._run(context, _batch_wait.read_due(self.hook, due))
 
     # ------------------------------------------------------------------ setup
     def _options(self) -> dict[str, Any]:
@@ -234,29 +238,37 @@ class SpeedPixBatchRunOperator(BaseOperator):
             finished = self._wait_in_worker()
 
     def _collect(self, finished: dict[str, Any]) -> None:
-        """Record finished predictions: save a success's files, resubmit or fail a failure."""
+        """Record finished predictions: save the successes' files (``CONCURRENCY`` downloads at a
+        time), resubmit or fail a failure."""
         by_pid = {self.state.states[i.item_id].prediction_id: i for i in self.state.in_flight()}
-        for prediction_id, prediction in finished.items():
-            item = by_pid.get(prediction_id)
-            if item is None:
-                continue
+        done = [(by_pid[pid], prediction) for pid, prediction in finished.items() if pid in by_pid]
+        succeeded = [(item, p) for item, p in done if isinstance(p, Prediction) and p.succeeded]
+        self.hook.get_conn()
+        saved = concurrently(lambda pair: self._download(*pair), succeeded)
+        for files in saved:
+            if isinstance(files, BaseException):
+                raise files  # nothing recorded is lost: a retry reads these predictions again
+        files_of = {item.item_id: files for (item, _p), files in zip(succeeded, saved, strict=True)}
+        for item, prediction in done:
             if prediction == LOST:
                 self.log.warning(
                     "Item %s: prediction %s is unknown to SpeedPix (expired?); submitting anew.",
                     item.item_id,
-                    prediction_id,
+                    self.state.states[item.item_id].prediction_id,
                 )
                 self.state.lost(item.item_id)
             else:
-                self._record(item, prediction)
+                self._record(item, prediction, files_of.get(item.item_id, []))
 
-    def _record(self, item: Item, prediction: Prediction) -> None:
+    def _download(self, item: Item, prediction: Prediction) -> list[str]:
+        directory = _batch_manifest.item_directory(self.output_dir, item.item_id)
+        plan = output_files_plan(prediction.output, directory, prediction.images)
+        return [str(self.hook.download(url, destination)) for _where, url, destination in plan]
+
+    def _record(self, item: Item, prediction: Prediction, files: list[str]) -> None:
         state = self.state.states[item.item_id]
         _metrics.finished(prediction, workflow_id=self.workflow_id, submitted_at=state.created_at)
         if prediction.succeeded:
-            directory = _batch_manifest.item_directory(self.output_dir, item.item_id)
-            plan = output_files_plan(prediction.output, directory, prediction.images)
-            files = [str(self.hook.download(url, destination)) for _where, url, destination in plan]
             self.state.succeeded(item.item_id, files, prediction.run_seconds)
             return
         retry = self.state.failed(item.item_id, prediction.error_code, prediction.error or prediction.status)
@@ -304,38 +316,63 @@ class SpeedPixBatchRunOperator(BaseOperator):
         )
 
     def _top_up(self) -> None:
-        """Submit queued items until the window is full; a throttle or a full pool ends this round."""
-        while (item := self.state.next_to_submit()) is not None:
+        """Submit queued items until the window is full, ``CONCURRENCY`` creates at a time. Each
+        thread has its item's id saved before it creates again (saves that overlap go out as one write),
+        so, as in the single operator, only the instant between a create and its save can be lost; a
+        throttle or a full pool ends this round."""
+        options = self._options()
+        self.hook.get_conn()  # one session (and its connection pool) for the threads below
+        writer = ChunkWriter(self._store, self.state)
+
+        def submit(item: Item) -> Prediction:
+            prediction = self.hook.create_prediction(self.workflow_id, item.inputs, **options)
+            fingerprint = self._fingerprints[item.item_id]
+            version = writer.change(
+                lambda: self.state.submitted(item.item_id, prediction.id, fingerprint, time.time())
+            )
+            writer.save(item.chunk, version)  # before this thread's next create: never submitted twice
+            return prediction
+
+        while group := self.state.next_group(CONCURRENCY):
             if self._wake_at is not None and time.time() < self._wake_at:
                 return
-            try:
-                prediction = self.hook.create_prediction(self.workflow_id, item.inputs, **self._options())
-            except SpeedPixError as err:
-                said = _batch.create_failure(err)
+            slow_down: BaseException | None = None
+            abort: BaseException | None = None
+            failed: set[int] = set()
+            for item, outcome in zip(group, concurrently(submit, group), strict=True):
+                if isinstance(outcome, Prediction):
+                    self._meta["created"] = int(self._meta.get("created") or 0) + 1
+                    self._meta["throttled"] = 0
+                    _metrics.created(self.workflow_id)
+                    continue
+                said = _batch.create_failure(outcome) if isinstance(outcome, SpeedPixError) else "abort"
                 if said == "abort":
-                    raise  # every item would fail the same way; recorded predictions are kept
-                if said == "slow_down":
-                    self._meta["throttled"] = int(self._meta.get("throttled") or 0) + 1
-                    delay = _batch.backoff_delay(self._meta["throttled"], self.poll_interval)
-                    self._wake_at = time.time() + delay
-                    self.log.warning(
-                        "SpeedPix asked to slow down (%s); %d in flight, next submission in %.0f s.",
-                        getattr(err, "error_code", None) or type(err).__name__,
-                        self.state.counts().in_flight,
-                        delay,
+                    abort = abort or outcome  # every item would fail the same way; recorded ones are kept
+                elif said == "slow_down":
+                    slow_down = slow_down or outcome  # not submitted: the item stays queued
+                else:
+                    self.state.states[item.item_id].attempts += 1
+                    retry = said == "retry"
+                    self.state.failed(
+                        item.item_id, getattr(outcome, "error_code", None), str(outcome), retry=retry
                     )
-                    return
-                self.state.states[item.item_id].attempts += 1
-                retry = said == "retry"
-                self.state.failed(item.item_id, getattr(err, "error_code", None), str(err), retry=retry)
-                self.log.warning("Item %s: submitting failed: %s", item.item_id, err)
-                self._save({item.chunk})
-                continue
-            self.state.submitted(item.item_id, prediction.id, self._fingerprints[item.item_id], time.time())
-            self._save({item.chunk})  # before the next create: a crash now never submits this item again
-            self._meta["created"] = int(self._meta.get("created") or 0) + 1
-            self._meta["throttled"] = 0
-            _metrics.created(self.workflow_id)
+                    self.log.warning("Item %s: submitting failed: %s", item.item_id, outcome)
+                    failed.add(item.chunk)
+            if failed:
+                self._save(failed)
+            if abort is not None:
+                raise abort
+            if slow_down is not None:
+                self._meta["throttled"] = int(self._meta.get("throttled") or 0) + 1
+                delay = _batch.backoff_delay(self._meta["throttled"], self.poll_interval)
+                self._wake_at = time.time() + delay
+                self.log.warning(
+                    "SpeedPix asked to slow down (%s); %d in flight, next submission in %.0f s.",
+                    getattr(slow_down, "error_code", None) or type(slow_down).__name__,
+                    self.state.counts().in_flight,
+                    delay,
+                )
+                return
 
     def _wake_time(self) -> float | None:
         return self.state.wake_time(self.timeout, self._wake_at, time.time())

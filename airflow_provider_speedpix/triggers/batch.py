@@ -25,6 +25,9 @@ BATCH_EVENT_STATUSES = ("success", "error")
 MAX_CONCURRENT_POLLS = 16
 #: Prediction ids quoted in the ``on_kill`` warning (the rest are counted).
 IDS_IN_KILL_WARNING = 5
+#: A prediction still running whose ETA is at most this is listed in the event as ``due``: it will most
+#: likely have ended by the time the worker resumes (a few seconds), which reads it in the same round.
+DUE_SECONDS = 5.0
 
 
 async def _sleep(seconds: float) -> None:
@@ -136,6 +139,7 @@ class SpeedPixBatchTrigger(SpeedPixTrigger):
             pending = self._pending
             answers = await asyncio.gather(*(poll(p) for p in pending)) if pending else []
             delays: list[float] = []
+            due: list[str] = []
             failures = 0
             for prediction_id, answer in zip(pending, answers, strict=True):
                 if isinstance(answer, BaseException):
@@ -150,6 +154,9 @@ class SpeedPixBatchTrigger(SpeedPixTrigger):
                 elif answer.finished:
                     finished[prediction_id] = answer.status
                 else:
+                    eta = answer.eta_seconds if answer.status == "running" else None
+                    if eta is not None and eta <= DUE_SECONDS:
+                        due.append(prediction_id)
                     delays.append(
                         next_poll_delay(
                             answer, poll_interval=self.poll_interval, max_interval=self.max_poll_interval
@@ -170,6 +177,7 @@ class SpeedPixBatchTrigger(SpeedPixTrigger):
                     {
                         "status": "success",
                         "finished": finished,
+                        "due": due,
                         "pending": len(self._pending),
                         "message": f"{len(finished)} of {len(self.prediction_ids)} predictions finished",
                     }
