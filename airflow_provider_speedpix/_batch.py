@@ -11,6 +11,7 @@ come from is :mod:`_batch_items`; how the state is kept between rounds and tries
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,6 +159,8 @@ class BatchState:
         self.item_retries = item_retries
         self.states: dict[str, ItemState] = {item.item_id: ItemState() for item in items}
         self.dirty: set[int] = set()
+        #: in flight, but known to have ended (not collected yet): their window slots are free already
+        self.ended: set[str] = set()
 
     # -- queries ---------------------------------------------------------------------------------------
     def with_status(self, *statuses: str) -> list[Item]:
@@ -179,7 +182,14 @@ class BatchState:
         )
 
     def free_slots(self) -> int:
-        return max(0, self.max_in_flight - self.counts().in_flight)
+        return max(0, self.max_in_flight - self.counts().in_flight + len(self.ended))
+
+    def has_ended(self, prediction_ids: Iterable[str]) -> None:
+        """These predictions ended (the trigger said so): submit into their slots before collecting them."""
+        by_prediction = {
+            s.prediction_id: i.item_id for i in self.in_flight() if (s := self.states[i.item_id])
+        }
+        self.ended.update(by_prediction[p] for p in prediction_ids if p in by_prediction)
 
     def next_to_submit(self) -> Item | None:
         group = self.next_group(1)
@@ -236,6 +246,7 @@ class BatchState:
     # -- transitions -----------------------------------------------------------------------------------
     def _touch(self, item_id: str) -> ItemState:
         self.dirty.add(self.by_id[item_id].chunk)
+        self.ended.discard(item_id)
         return self.states[item_id]
 
     def submitted(self, item_id: str, prediction_id: str, fingerprint: str, now: float) -> None:

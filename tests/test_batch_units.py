@@ -111,6 +111,11 @@ def test_next_group_fills_the_window_in_order():
     assert [i.index for i in state.next_group(8)] == [3, 4]  # only 2 free slots left
     state.failed("1", "E", "boom", retry=True)  # back in the queue, ahead of later items
     assert [i.index for i in state.next_group(8)] == [1, 3, 4]
+    # a prediction known to have ended frees its slot before it is collected, and only once
+    state.has_ended(["p0", "unknown"])
+    assert [i.index for i in state.next_group(8)] == [1, 3, 4, 5]
+    state.succeeded("0", ["f"], 1.0)
+    assert [i.index for i in state.next_group(8)] == [1, 3, 4, 5]
 
 
 class CountingStore:

@@ -172,10 +172,11 @@ class SpeedPixBatchRunOperator(BaseOperator):
         """Resume after the trigger fired: read each finished prediction, save, top up, wait again."""
         self._setup(context, new_try=False)
         finished, due = _batch_wait.finished_of(event)
-        self._collect(_batch_wait.read_finished(self.hook, finished))
+        read = _batch_wait.read_finished(self.hook, finished)
         # the trigger expected these to end within moments: most have by now, and are collected in this
         # round instead of holding their window slots until the next one
-        return self._run(context, _batch_wait.read_due(self.hook, due))
+        read.update(_batch_wait.read_due(self.hook, due))
+        return self._run(context, read)
 
     # ------------------------------------------------------------------ setup
     def _options(self) -> dict[str, Any]:
@@ -222,6 +223,10 @@ class SpeedPixBatchRunOperator(BaseOperator):
     # ------------------------------------------------------------------ the round
     def _run(self, context: Context, finished: dict[str, Any] | None) -> Any:
         while True:
+            if finished and all(isinstance(p, Prediction) and p.succeeded for p in finished.values()):
+                # their slots are free: SpeedPix starts on the next items while this worker saves files
+                self.state.has_ended(finished)
+                self._top_up()
             if finished:
                 self._collect(finished)
             self._expire_overdue()
