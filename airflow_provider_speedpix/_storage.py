@@ -224,7 +224,9 @@ class _ExactBody:
     def read(self, amount: int = -1) -> bytes:
         if self._left <= 0:
             return b""
-        want = self._left if amount is None or amount < 0 else min(amount, self._left)
+        # at least CHUNK per read, whatever block size the HTTP library asks for (urllib3: 16 KiB): a
+        # wrapped source (fsspec's file objects, ObjectStoragePath) pays its Python layers per read
+        want = self._left if amount is None or amount < 0 else min(max(amount, CHUNK), self._left)
         data = self._stream.read(want)
         if not data:
             raise SpeedPixUploadError(
