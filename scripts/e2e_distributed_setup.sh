@@ -43,8 +43,9 @@ fi
 if [ ! -e "$STAMP" ]; then
   echo "e2e-distributed setup: building $VENV"
   rm -rf "$VENV"
+  # ignored before anything is installed, so that git and ruff never see a half-built virtualenv
+  mkdir "$VENV" && echo '*' >"$VENV/.gitignore"
   "$PYTHON" -m venv "$VENV"
-  echo '*' >"$VENV/.gitignore"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "${PINS[@]}" -e ".[test]"
   "$VENV/bin/python" -m pip check

@@ -20,12 +20,16 @@ def wait_until(
     *,
     pause: float = 0.5,
     components: Iterable[str] | None = None,
+    check_alive: bool = False,
 ) -> T:
     """Call ``condition`` every ``pause`` seconds until it returns something true, and return that; after
     ``timeout`` seconds fail the test, naming ``what`` and showing ``deployment``'s log tails (of
-    ``components``, or of all)."""
+    ``components``, or of all). With ``check_alive``, a component that exited meanwhile ends the wait at once
+    (``deployment.check_alive()`` raises)."""
     deadline = time.monotonic() + timeout
     while True:
+        if check_alive:
+            deployment.check_alive()
         value = condition()
         if value:
             return value

@@ -57,6 +57,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_to_end(
+    argv: list[str], *, timeout: float, log: Path | None = None, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """Run a command to its end and return it whatever its exit code (the caller reports a failure): its
+    output captured as text, or written to ``log`` (stdout and stderr together). ``kwargs`` go to
+    ``subprocess.run`` (``env``, ``cwd``, ``user``...)."""
+    if log is None:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+    with log.open("wb") as handle:
+        return subprocess.run(
+            argv, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, check=False, **kwargs
+        )
+
+
 def tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -67,6 +81,9 @@ def tail(path: Path, lines: int = 40) -> str:
 
 class Deployment:
     """One emulator plus one Airflow deployment; ``start()`` / ``stop()``, or use as a context manager."""
+
+    #: whose log tails ``log_tails()`` shows by default (every ``logs/<name>*.log``)
+    log_names: tuple[str, ...] = (*COMPONENTS, "emulator")
 
     def __init__(
         self,
@@ -163,20 +180,36 @@ class Deployment:
         blocking = blocking_catalog_source(CATALOG_EXAMPLE.read_text(encoding="utf-8"))
         (self.dags / f"{BLOCKING_CATALOG_DAG_ID}.py").write_text(blocking, encoding="utf-8")
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _popen(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """Start ``argv`` in its own session (process group), its output appended to ``logs/<name>.log``;
+        ``kwargs`` go to ``subprocess.Popen`` (``env``, ``cwd``, ``user``...)."""
         log = (self.logs / f"{name}.log").open("ab")
         self._log_handles.append(log)
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             argv,
-            env=env or self.env,
-            cwd=self.home,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **kwargs,
         )
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = self._popen(name, argv, env=env or self.env, cwd=self.home)
         self.procs[name] = proc
         return proc
+
+    def _migrate(self, deadline: float, env: dict[str, str] | None = None) -> None:
+        """``airflow db migrate`` (output in ``logs/db-migrate.log``) within what is left until ``deadline``."""
+        migrate = run_to_end(
+            [str(BIN / "airflow"), "db", "migrate"],
+            env=env or self.env,
+            cwd=self.home,
+            log=self.logs / "db-migrate.log",
+            timeout=max(deadline - time.monotonic(), 1),
+        )
+        if migrate.returncode != 0:
+            raise DeploymentError(f"airflow db migrate failed:\n{tail(self.logs / 'db-migrate.log')}")
 
     def start(self, timeout: float = 240.0) -> Deployment:
         deadline = time.monotonic() + timeout
@@ -198,17 +231,7 @@ class Deployment:
                 ],
                 env=emulator_env,
             )
-            migrate = subprocess.run(
-                [str(BIN / "airflow"), "db", "migrate"],
-                env=self.env,
-                cwd=self.home,
-                stdout=(self.logs / "db-migrate.log").open("wb"),
-                stderr=subprocess.STDOUT,
-                timeout=max(deadline - time.monotonic(), 1),
-                check=False,
-            )
-            if migrate.returncode != 0:
-                raise DeploymentError(f"airflow db migrate failed:\n{tail(self.logs / 'db-migrate.log')}")
+            self._migrate(deadline)
             self._wait(lambda: self._emulator_up(), deadline, "the emulator to listen", ["emulator"])
             self._spawn("api-server", [str(BIN / "airflow"), "api-server", "--port", str(self.api_port)])
             self._spawn("scheduler", [str(BIN / "airflow"), "scheduler"])
@@ -251,6 +274,10 @@ class Deployment:
             if proc is not None and proc.poll() is not None:
                 raise DeploymentError(f"{name} exited with code {proc.returncode}\n{self.log_tails([name])}")
 
+    def check_alive(self) -> None:
+        """Raise :class:`DeploymentError` (with its log tail) if an Airflow component has exited."""
+        self._check_alive(COMPONENTS)
+
     def _wait(
         self, ready: Callable[[], bool], deadline: float, what: str, components: Iterable[str], pause=0.5
     ) -> None:
@@ -264,7 +291,7 @@ class Deployment:
             time.sleep(pause)
 
     def log_tails(self, names: Iterable[str] | None = None, lines: int = 30) -> str:
-        names = list(names or [*COMPONENTS, "emulator"])
+        names = list(names or self.log_names)
         parts = []
         for name in names:
             for path in sorted(self.logs.glob(f"{name}*.log")):
@@ -306,7 +333,7 @@ class Deployment:
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None, run_id: str | None = None) -> str:
         run_id = run_id or f"e2e__{dag_id}__{time.strftime('%H%M%S')}_{secrets.token_hex(2)}"
-        result = subprocess.run(
+        result = run_to_end(
             [
                 str(BIN / "airflow"),
                 "dags",
@@ -319,10 +346,7 @@ class Deployment:
             ],
             env=self.env,
             cwd=self.home,
-            capture_output=True,
-            text=True,
             timeout=120,
-            check=False,
         )
         if result.returncode != 0:
             raise DeploymentError(f"airflow dags trigger {dag_id} failed:\n{result.stdout}\n{result.stderr}")
@@ -364,7 +388,7 @@ class Deployment:
         """Wait until the run is ``success``/``failed``; call ``on_sample`` every ``interval`` s meanwhile."""
         deadline = time.monotonic() + timeout
         while True:
-            self._check_alive(COMPONENTS)
+            self.check_alive()
             state = self.run_state(dag_id, run_id)
             if state in TERMINAL_RUN_STATES:
                 return state
@@ -565,7 +589,7 @@ def main() -> int:
         print(f"Logs:       {deployment.logs}\nPress Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(1)
-            deployment._check_alive(COMPONENTS)
+            deployment.check_alive()
     except KeyboardInterrupt:
         return 0
     finally:

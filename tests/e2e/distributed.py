@@ -48,6 +48,7 @@ from tests.e2e.deployment import (
     DeploymentError,
     _group_alive,
     free_port,
+    run_to_end,
     tail,
 )
 
@@ -88,6 +89,8 @@ def _pg_bin(name: str) -> str:
 
 class DistributedDeployment(Deployment):
     """PostgreSQL + Redis + moto + emulator + Airflow on CeleryExecutor with 2 triggerers and 2 workers."""
+
+    log_names = (*AIRFLOW_COMPONENTS, *INFRA, "emulator")
 
     def __init__(self, *, emulator_duration: float = 20.0, keep_home: bool = False) -> None:
         self.pg_port = free_port()
@@ -159,32 +162,19 @@ class DistributedDeployment(Deployment):
 
     # ------------------------------------------------------------------ infrastructure
     def _spawn_infra(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("ab")
-        self._log_handles.append(log)
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            **kwargs,
-        )
-        self._infra[name] = proc
+        proc = self._infra[name] = self._popen(name, argv, **kwargs)
         return proc
 
     def _start_postgres(self, deadline: float) -> None:
         user = pwd.getpwnam("postgres")
         data = self.pg_dir / "data"
         os.chown(self.pg_dir, user.pw_uid, user.pw_gid)
-        initdb = subprocess.run(
+        initdb = run_to_end(
             [_pg_bin("initdb"), "-D", str(data), "-U", PG_USER, "-A", "trust", "-E", "UTF8", "--no-sync"],
             user=user.pw_uid,
             group=user.pw_gid,
             cwd=self.pg_dir,
-            capture_output=True,
-            text=True,
             timeout=120,
-            check=False,
         )
         if initdb.returncode != 0:
             raise DeploymentError(f"initdb failed:\n{initdb.stdout}\n{initdb.stderr}")
@@ -388,18 +378,7 @@ class DistributedDeployment(Deployment):
             )
             migrate_home = self.component_home("db-migrate")
             migrate_home.mkdir(parents=True)
-            with (self.logs / "db-migrate.log").open("wb") as log:
-                migrate = subprocess.run(
-                    [str(BIN / "airflow"), "db", "migrate"],
-                    env={**self.env, "AIRFLOW_HOME": str(migrate_home)},
-                    cwd=self.home,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    timeout=max(deadline - time.monotonic(), 1),
-                    check=False,
-                )
-            if migrate.returncode != 0:
-                raise DeploymentError(f"airflow db migrate failed:\n{tail(self.logs / 'db-migrate.log')}")
+            self._migrate(deadline, env={**self.env, "AIRFLOW_HOME": str(migrate_home)})
             self._wait(self._emulator_up, deadline, "the emulator to listen", ["emulator"])
             for name in AIRFLOW_COMPONENTS:
                 self.start_component(name)
@@ -462,40 +441,6 @@ class DistributedDeployment(Deployment):
             [*self.procs],
             pause=1.0,
         )
-
-    def _wait(self, ready, deadline: float, what: str, components: Iterable[str], pause: float = 0.5) -> None:
-        components = list(components)
-        while True:
-            self._check_alive(components)
-            if ready():
-                return
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"Timed out waiting for {what}\n{self.log_tails(components)}")
-            time.sleep(pause)
-
-    def wait_for_run(self, dag_id, run_id, timeout, on_sample=None, interval=0.5) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check_alive()
-            state = self.run_state(dag_id, run_id)
-            if state in ("success", "failed"):
-                return state
-            if on_sample is not None:
-                on_sample()
-            if time.monotonic() > deadline:
-                raise DeploymentError(
-                    f"Run {dag_id}/{run_id} still {state!r} after {timeout:.0f}s; task states: "
-                    f"{self.task_states(dag_id, run_id)}\n{self.log_tails()}"
-                )
-            time.sleep(interval)
-
-    def log_tails(self, names: Iterable[str] | None = None, lines: int = 30) -> str:
-        names = list(names or [*AIRFLOW_COMPONENTS, *INFRA, "emulator"])
-        parts = []
-        for name in names:
-            for path in sorted(self.logs.glob(f"{name}*.log")):
-                parts.append(f"----- {path.name} (last {lines} lines) -----\n{tail(path, lines)}")
-        return "\n".join(parts)
 
     def task_logs(self, pattern: str) -> list[Path]:
         """Task and trigger log files matching ``pattern`` under every component's own log folder."""

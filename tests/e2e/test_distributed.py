@@ -3,17 +3,18 @@ triggerers, two Celery workers (concurrency 2: 4 slots), outputs in S3 (moto on 
 SpeedPix emulator. Run with ``make e2e-distributed`` (``scripts/e2e_distributed_setup.sh`` installs what it
 needs; the deployment is ``tests/e2e/distributed.py``).
 
-The tests share one deployment and run in file order; each asserts exactly one ``comfy_prompt`` per task:
+The tests share one deployment and run in file order; each asserts exactly one ``comfy_prompt`` per task
+(per item in (4)):
 (1) the catalog example DAG, 200 mapped deferrable predictions, outputs to ``s3://aws_moto@speedpix-e2e``;
 (2) one triggerer SIGKILLed mid-run, the other adopts its triggers; (3) one Celery worker SIGKILLed while
 non-deferrable tasks wait on it, their retries reconnect through ``task_state_store``; (4) the batch
-operator (skipped until it lands); (5) a secrets scan over every component's logs and the whole database.
+operator, 500 items in one deferrable task, window 100, files and manifest to S3; (5) a secrets scan over
+every component's logs (those of (1)-(4)), the whole database and (4)'s manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e._helpers import return_value, wait_until
 from tests.e2e.test_deployment import fresh_emulator, write_csv
 
 pytestmark = pytest.mark.e2e_distributed
@@ -41,6 +43,12 @@ N = 200
 CATALOG_DURATION = 180.0
 #: asserted peak of deferred predictions: a quarter of them (12x the 4 slots); measured values are reported
 MIN_PEAK_DEFERRED = N // 4
+BATCH = "speedpix_e2e_dist_batch"
+BATCH_ITEMS = 500  # as in tests/e2e/dags/speedpix_e2e_dist_batch.py
+BATCH_WINDOW = 100  # its max_in_flight
+#: Prediction length for (4): short, so the stage is bounded by the worker's rounds (creates, reads, S3
+#: writes), not by SpeedPix; a few minutes on the loaded machine.
+BATCH_SECONDS = 2
 ADOPTION_ROWS = 30
 ADOPTION_DURATION = 45.0
 #: what the scan looks for besides the recorded values: the query of any pre-signed URL: the emulator's upload
@@ -55,6 +63,9 @@ RECONNECT = re.compile(
 
 #: trigger rows seen while predictions were deferred (they are deleted once fired): scanned by (5)
 TRIGGER_ROWS: list[str] = []
+#: the batch run's task and trigger logs, which (5) must have scanned; and what (4) read from S3 (manifest)
+BATCH_LOGS: list[Path] = []
+S3_TEXTS: list[tuple[str, str]] = []
 
 
 @pytest.fixture(scope="module")
@@ -66,25 +77,13 @@ def dist():
     started = time.monotonic()
     try:
         dep.start(timeout=300)
-        dep.wait_for_dags([CATALOG, DIST_BLOCKING], timeout=180)
+        dep.wait_for_dags([CATALOG, DIST_BLOCKING, BATCH], timeout=180)
         dep.startup_seconds = round(time.monotonic() - started, 1)
         yield dep
     finally:
         dep.stop()
         if keep:
             print(f"\ne2e-distributed deployment kept at {dep.home}")
-
-
-def wait_until(dist, condition, timeout: float, what: str, pause: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        dist.check_alive()
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"Timed out after {timeout:.0f}s waiting for {what}\n{dist.log_tails()}")
-        time.sleep(pause)
 
 
 def run_triggers(dist, dag_id: str, run_id: str) -> dict[int, int | None]:
@@ -114,20 +113,20 @@ def trigger_log_jobs(dist, dag_id: str, run_id: str) -> dict[int, set[int]]:
     return jobs
 
 
-def run_times(dist, dag_id: str, run_id: str) -> dict:
-    """Wall time of the run and of the mapped task, from the metadata DB's own timestamps."""
+def run_times(dist, dag_id: str, run_id: str, task_id: str = "regenerate") -> dict:
+    """Wall time of the run and of the (mapped) task, from the metadata DB's own timestamps."""
     ((start, end),) = dist.query(
         "SELECT start_date, end_date FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)
     )
     ((first, last),) = dist.query(
-        "SELECT min(start_date), max(end_date) FROM task_instance WHERE dag_id = ? AND run_id = ? AND task_id = 'regenerate'",
-        (dag_id, run_id),
+        "SELECT min(start_date), max(end_date) FROM task_instance WHERE dag_id = ? AND run_id = ? AND task_id = ?",
+        (dag_id, run_id, task_id),
     )
 
     def seconds(a, b) -> float | None:
         return round((b - a).total_seconds(), 1) if a and b else None
 
-    return {"run_wall_seconds": seconds(start, end), "regenerate_span_seconds": seconds(first, last)}
+    return {"run_wall_seconds": seconds(start, end), f"{task_id}_span_seconds": seconds(first, last)}
 
 
 def start_catalog(dist, tmp_path: Path, rows: int) -> str:
@@ -219,7 +218,14 @@ def test_triggerer_sigkill_other_adopts(dist, tmp_path, e2e_results):
         states = dist.task_states(CATALOG, run_id, "regenerate")
         return holders if states.get("deferred", 0) == rows and len(holders) == 2 else None
 
-    wait_until(dist, both_hold_triggers, 240, f"all {rows} deferred, spread over both triggerers", 1.0)
+    wait_until(
+        dist,
+        both_hold_triggers,
+        240,
+        f"all {rows} deferred, spread over both triggerers",
+        pause=1.0,
+        check_alive=True,
+    )
     keep_trigger_rows(dist)
     assigned = run_triggers(dist, CATALOG, run_id)
     counts: dict[int, int] = {}
@@ -233,7 +239,9 @@ def test_triggerer_sigkill_other_adopts(dist, tmp_path, e2e_results):
                 return name
         return None
 
-    victim = wait_until(dist, victim_component, 60, f"a trigger log of triggerer job {victim_job}")
+    victim = wait_until(
+        dist, victim_component, 60, f"a trigger log of triggerer job {victim_job}", check_alive=True
+    )
     in_flight = dist.emulator_stats()["predictions"]
     dist.kill_component(victim, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -242,7 +250,14 @@ def test_triggerer_sigkill_other_adopts(dist, tmp_path, e2e_results):
         now = run_triggers(dist, CATALOG, run_id)
         return bool(now) and all(job is not None and job != victim_job for job in now.values())
 
-    wait_until(dist, adopted, 120, f"the other triggerer to adopt the triggers of job {victim_job}", 0.25)
+    wait_until(
+        dist,
+        adopted,
+        120,
+        f"the other triggerer to adopt the triggers of job {victim_job}",
+        pause=0.25,
+        check_alive=True,
+    )
     adoption_seconds = round(time.monotonic() - killed_at, 1)
     adopted_by = set(run_triggers(dist, CATALOG, run_id).values())
     dist.start_component(victim)  # back to two triggerers for the next scenarios
@@ -291,6 +306,7 @@ def test_celery_worker_sigkill_retries_reconnect(dist, e2e_results):
         ),
         180,
         f"{rows} predictions created and stored in task_state_store, tasks polling in their workers",
+        check_alive=True,
     )
     pids = dict(
         dist.query(
@@ -342,15 +358,104 @@ def test_celery_worker_sigkill_retries_reconnect(dist, e2e_results):
 
 
 # --------------------------------------------------------------------------------------------- (4)
-@pytest.mark.skipif(
-    importlib.util.find_spec("airflow_provider_speedpix.operators.batch") is None,
-    reason="waits on the batch operator (SpeedPixBatchRunOperator, airflow_provider_speedpix/operators/batch.py)",
-)
-def test_batch_operator_500_items_to_s3(dist):
-    pytest.skip(
-        "waits on the batch operator: SpeedPixBatchRunOperator exists but this scenario (500 items, outputs "
-        "to S3) is not written yet"
+def s3_key(uri: str) -> str:
+    """The key in the suite's bucket of an ``s3://[conn_id@]bucket/key`` URI (as the manifest names files)."""
+    from tests.e2e.distributed import BUCKET
+
+    parts = urllib.parse.urlsplit(uri)
+    assert parts.scheme == "s3" and parts.hostname == BUCKET, f"not an object in s3://{BUCKET}: {uri}"
+    return parts.path.lstrip("/")
+
+
+def hosts_of(dist, logs: list[Path]) -> list[str]:
+    """The components (``hosts/<name>/logs/...``) that wrote these task or trigger logs."""
+    return sorted({log.relative_to(dist.home).parts[1] for log in logs})
+
+
+def test_batch_operator_500_items_to_s3(dist, e2e_results):
+    from tests.e2e.distributed import AWS_CONN_ID, BUCKET, TRIGGERERS, WORKERS
+
+    triggerer_jobs = set(dist.alive_triggerer_jobs())
+    fresh_emulator(dist, BATCH_SECONDS)
+    run_id = dist.trigger(BATCH, {"seconds": BATCH_SECONDS}, run_id=f"e2e_dist_batch__{int(time.time())}")
+    seen: dict[int, int] = {}
+    samples = [0]
+
+    def sample() -> None:
+        samples[0] += 1
+        for trigger_id, triggerer in run_triggers(dist, BATCH, run_id).items():
+            if triggerer is not None:
+                seen.setdefault(trigger_id, triggerer)
+        if samples[0] % 20 == 1:
+            keep_trigger_rows(dist)
+
+    started = time.monotonic()
+    state = dist.wait_for_run(BATCH, run_id, timeout=1200, on_sample=sample, interval=1.0)
+    observed = round(time.monotonic() - started, 1)
+    tis = dist.task_instances(BATCH, run_id)
+    if state != "success" or [ti["state"] for ti in tis] != ["success"]:
+        pytest.fail(f"{BATCH} run {run_id} ended {state}; task instances {tis}\n{dist.log_tails()}")
+
+    summary = return_value(dist, BATCH, run_id, "batch") or {}
+    prefix = f"catalog/batch/{run_id.replace(':', '_').replace('+', '_')}/"
+    keys = set(dist.list_bucket(prefix))
+    manifest_key = prefix + "manifest.jsonl"
+    manifest = (
+        dist.s3().get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read().decode("utf-8")
+        if manifest_key in keys
+        else ""
     )
+    S3_TEXTS.append((f"s3://{BUCKET}/{manifest_key}", manifest))
+    rows = [json.loads(line) for line in manifest.splitlines()]
+    files = [file for row in rows for file in row["files"]]
+    file_keys = {s3_key(file) for file in files}
+    item_folders = {key[len(prefix) :].split("/", 1)[0] for key in keys if key != manifest_key}
+    logs = dist.task_logs(f"dag_id={BATCH}/run_id={run_id}/task_id=batch/attempt=*.log*")
+    trigger_logs = [log for log in logs if ".log.trigger." in log.name]
+    task_logs = [log for log in logs if log.name.endswith(".log") and log not in trigger_logs]
+    BATCH_LOGS.extend(logs)
+    calls = dist.emulator_stats()["calls"]
+    numbers = {
+        "items": BATCH_ITEMS,
+        "window": BATCH_WINDOW,
+        "prediction_seconds": BATCH_SECONDS,
+        "observed_seconds": observed,
+        **run_times(dist, BATCH, run_id, "batch"),
+        "try_number": tis[0]["try_number"],
+        "summary": {k: summary.get(k) for k in ("total", "succeeded", "failed", "predictions_created")},
+        "manifest_rows": len(rows),
+        "manifest_succeeded": sum(row["status"] == "succeeded" for row in rows),
+        "bucket_objects": len(keys),
+        "item_folders_in_bucket": len(item_folders),
+        "triggers_sampled": len(seen),
+        "triggers_per_triggerer_job": {job: list(seen.values()).count(job) for job in set(seen.values())},
+        "task_logs_on": hosts_of(dist, task_logs),
+        "trigger_logs_on": hosts_of(dist, trigger_logs),
+        "comfy_prompt": calls.get("comfy_prompt"),
+    }
+    e2e_results["4_batch_500_s3"] = numbers
+    assert numbers["comfy_prompt"] == BATCH_ITEMS, f"not exactly one comfy_prompt per item: {numbers}"
+    # a failed try would be retried without a second create: only the try number shows it (docs/batch.md,
+    # "Shortest round": a stale executor event for the deferred process can fail a resumed try)
+    assert numbers["try_number"] == 1, f"the batch needed a retry: {numbers}\n{dist.log_tails(['scheduler'])}"
+    assert summary.get("succeeded") == BATCH_ITEMS and summary.get("failed") == 0, numbers
+    assert summary.get("manifest") == f"s3://{AWS_CONN_ID}@{BUCKET}/{manifest_key}", summary
+    # the manifest: complete, one succeeded row per item in item order, each file an object in the bucket
+    assert len(rows) == BATCH_ITEMS and numbers["manifest_succeeded"] == BATCH_ITEMS, numbers
+    assert [row["item_id"] for row in rows] == [f"SKU-{i:04d}" for i in range(BATCH_ITEMS)]
+    assert len({row["prediction_id"] for row in rows}) == BATCH_ITEMS
+    assert all(len(row["files"]) == 1 for row in rows), [row for row in rows if len(row["files"]) != 1][:3]
+    assert all(file.startswith(f"s3://{AWS_CONN_ID}@{BUCKET}/{prefix}") for file in files), files[:3]
+    assert file_keys <= keys, f"files in the manifest not in the bucket: {sorted(file_keys - keys)[:5]}"
+    # every item's output in the bucket, and nothing else: no temporary sibling left by an atomic write
+    assert keys == file_keys | {manifest_key}, sorted(keys - file_keys - {manifest_key})[:5]
+    assert item_folders == {row["item_id"] for row in rows}, numbers
+    head = dist.s3().get_object(Bucket=BUCKET, Key=s3_key(files[0]))["Body"].read(8)
+    assert head == b"\x89PNG\r\n\x1a\n", head
+    # each round waited on one of the two triggerers; the rounds ran on the Celery workers
+    assert seen and set(seen.values()) <= triggerer_jobs, f"{numbers}; triggerer jobs {triggerer_jobs}"
+    assert trigger_logs and set(numbers["trigger_logs_on"]) <= set(TRIGGERERS), numbers
+    assert task_logs and set(numbers["task_logs_on"]) <= set(WORKERS), numbers
 
 
 # --------------------------------------------------------------------------------------------- (5)
@@ -371,8 +476,8 @@ def scan_text(needles: dict[str, str], text: str, where: str) -> list[str]:
     return hits
 
 
-def scan_files(dist, needles: dict[str, str]) -> tuple[list[str], int]:
-    hits, count = [], 0
+def scan_files(dist, needles: dict[str, str]) -> tuple[list[str], set[Path]]:
+    hits, scanned = [], set()
     for path in sorted(p for p in dist.home.rglob("*") if p.is_file()):
         if path == dist.secrets_record or "bundles" in path.parts or path.suffix in (".pyc", ".py", ".csv"):
             continue
@@ -380,8 +485,8 @@ def scan_files(dist, needles: dict[str, str]) -> tuple[list[str], int]:
             continue
         with contextlib.suppress(OSError):
             hits += scan_text(needles, path.read_bytes().decode("utf-8", "replace"), f"file {path}")
-            count += 1
-    return hits, count
+            scanned.add(path)
+    return hits, scanned
 
 
 def scan_database(dist, needles: dict[str, str]) -> tuple[list[str], dict[str, int]]:
@@ -413,23 +518,28 @@ def test_no_secret_in_logs_database_or_triggers(dist, e2e_results):
         needles, f"x {dist.app_secret} /files/k.png?Expires=1&Signature=abcdefghij y", "plant"
     )
     assert len(planted) == 2, planted  # the scanner finds both a needle and a pre-signed query
-    file_hits, files = scan_files(dist, needles)
+    file_hits, scanned = scan_files(dist, needles)
+    files = len(scanned)
     db_hits, sizes = scan_database(dist, needles)
     trigger_hits = [
         hit for text in TRIGGER_ROWS for hit in scan_text(needles, text, "trigger rows (sampled)")
     ]
+    s3_hits = [hit for where, text in S3_TEXTS for hit in scan_text(needles, text, where)]
     e2e_results["5_secrets_scan"] = {
         "needles": len(needles),
         "files_scanned": files,
+        "batch_logs_scanned": len(set(BATCH_LOGS) & scanned),
+        "s3_objects_scanned": len(S3_TEXTS),
         "tables_scanned": len(sizes),
         "rows": {
             t: sizes.get(t) for t in ("xcom", "rendered_task_instance_fields", "trigger", "task_instance")
         },
         "trigger_row_snapshots": len(TRIGGER_ROWS),
-        "hits": len(file_hits) + len(db_hits) + len(trigger_hits),
+        "hits": len(file_hits) + len(db_hits) + len(trigger_hits) + len(s3_hits),
     }
     assert sizes.get("xcom") and sizes.get("rendered_task_instance_fields"), sizes  # the places are populated
     assert TRIGGER_ROWS, "no trigger row was captured while predictions were deferred"
     assert files >= 20, f"only {files} log files scanned"
-    hits = file_hits + db_hits + trigger_hits
+    assert set(BATCH_LOGS) <= scanned, f"(4)'s logs not scanned: {sorted(set(BATCH_LOGS) - scanned)}"
+    hits = file_hits + db_hits + trigger_hits + s3_hits
     assert hits == [], "\n".join(sorted(set(hits))[:50])
