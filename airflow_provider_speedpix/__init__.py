@@ -40,6 +40,8 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [f"{_MODULE}.triggers.speedpix", f"{_MODULE}.triggers.batch"],
             }
         ],
+        # "SpeedPix outputs" and "SpeedPix console" on both operators (links.py)
+        "extra-links": [f"{_MODULE}.links.SpeedPixOutputsLink", f"{_MODULE}.links.SpeedPixConsoleLink"],
         "connection-types": [
             {
                 "connection-type": "speedpix",

@@ -35,6 +35,7 @@ from airflow_provider_speedpix._outputs import output_files_plan
 from airflow_provider_speedpix._protocol import Prediction, check_workflow_reference
 from airflow_provider_speedpix.exceptions import SpeedPixError
 from airflow_provider_speedpix.hooks.speedpix import DEFAULT_POLL_INTERVAL, SpeedPixHook
+from airflow_provider_speedpix.links import OPERATOR_LINKS, persist_links
 from airflow_provider_speedpix.operators.speedpix import WAIT_TIMEOUT
 from airflow_provider_speedpix.triggers.batch import SpeedPixBatchTrigger
 
@@ -103,6 +104,8 @@ class SpeedPixBatchRunOperator(BaseOperator):
     )
     template_fields_renderers: ClassVar[dict[str, str]] = {"items": "json"}
     ui_color = "#ff9f43"
+    #: "SpeedPix outputs" (output_dir) and "SpeedPix console", stored in XCom before the task defers
+    operator_extra_links = OPERATOR_LINKS
 
     def __init__(
         self,
@@ -165,6 +168,7 @@ class SpeedPixBatchRunOperator(BaseOperator):
 
     # ------------------------------------------------------------------ entry points
     def execute(self, context: Context) -> Any:
+        self._persist_links(context)
         self._setup(context, new_try=True)
         return self._run(context, None)
 
@@ -449,6 +453,25 @@ class SpeedPixBatchRunOperator(BaseOperator):
         _batch_manifest.add_asset_extra(context, self.outlets, summary)
         self._store.forget(summary["total"])  # done: a cleared task must generate anew, not reuse these
         return summary
+
+    def _persist_links(self, context: Context) -> None:
+        """The extra links' URLs, in XCom before anything is submitted or deferred (``links.py``)."""
+        persist_links(context, output_location=self.output_dir, endpoint=lambda: self.hook.settings.endpoint)
+
+    # ------------------------------------------------------------------ OpenLineage
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Input files (the catalog's and the items'), ``output_dir`` and the ``speedpixBatch`` run facet
+        with the counts (docs/batch.md, "Lineage and links"). Called by the OpenLineage provider's
+        listener when it is installed."""
+        from airflow_provider_speedpix._lineage import batch_lineage
+
+        return batch_lineage(self, finished=True)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        """As on completion, with the counts so far; the manifest only when one was written."""
+        from airflow_provider_speedpix._lineage import batch_lineage
+
+        return batch_lineage(self, finished=False)
 
     def on_kill(self) -> None:
         """SpeedPix has no cancel call: say what keeps running; a retry reconnects to it."""

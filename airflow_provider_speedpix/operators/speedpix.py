@@ -40,6 +40,7 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixPredictionFailed,
 )
 from airflow_provider_speedpix.hooks.speedpix import DEFAULT_POLL_INTERVAL, SpeedPixHook
+from airflow_provider_speedpix.links import OPERATOR_LINKS, persist_links
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -108,6 +109,8 @@ class SpeedPixRunOperator(BaseOperator):
     #: ``output_dir`` as given to the constructor (before rendering); see ``_outputs.instance_output_base``.
     _output_dir_as_written: Any = None
     ui_color = "#ff9f43"
+    #: "SpeedPix outputs" and "SpeedPix console", stored in XCom before the task defers (``links.py``)
+    operator_extra_links = OPERATOR_LINKS
 
     def __init__(
         self,
@@ -150,6 +153,9 @@ class SpeedPixRunOperator(BaseOperator):
         self.speedpix_conn_id = speedpix_conn_id
         self._last_progress: ProgressKey | None = None
         self._state: dict[str, Any] = {}
+        # what OpenLineage reports (_lineage.run_lineage): the last finished prediction seen, the saved files
+        self._last_prediction: Prediction | None = None
+        self._saved_files: list[str] = []
 
     @cached_property
     def hook(self) -> SpeedPixHook:
@@ -158,6 +164,7 @@ class SpeedPixRunOperator(BaseOperator):
     # ------------------------------------------------------------------ execute
     def execute(self, context: Context) -> Any:
         store = context.get("task_state_store")
+        self._persist_links(context)
         record = self._request_record()  # rendered values, before any upload
         prediction = self._resume(store, record)
         if prediction is None:
@@ -328,13 +335,15 @@ class SpeedPixRunOperator(BaseOperator):
 
     def _finish(self, context: Context, prediction: Prediction) -> dict[str, Any]:
         store = context.get("task_state_store")
+        self._last_prediction = prediction
         self.log.info("Prediction %s %s", prediction.id, describe_finished(prediction))
         if not self._state.get("reported"):  # a retry after a failed download does not count it again
             self._report(prediction)
             if store is not None and self._state.get("prediction_id"):
                 self._state["reported"] = True
                 store.set(STATE_KEY, self._state)
-        files = []
+        files: list[str] = []
+        self._saved_files = files  # for lineage: what is saved, even before a failed download
         if self.output_dir:
             plan = output_files_plan(prediction.output, self._output_base(context), prediction.images)
             for where, url, destination in plan:
@@ -365,6 +374,7 @@ class SpeedPixRunOperator(BaseOperator):
 
     def _report(self, prediction: Prediction) -> None:
         """Metrics for a terminal state seen on this worker (``docs/metrics.md``)."""
+        self._last_prediction = prediction
         created_at = self._state.get("created_at")
         _metrics.finished(
             prediction,
@@ -379,6 +389,29 @@ class SpeedPixRunOperator(BaseOperator):
 
     def _log_progress(self, prediction: Prediction) -> None:
         self._last_progress = log_progress(self.log, prediction, self._last_progress)
+
+    def _persist_links(self, context: Context) -> None:
+        """The extra links' URLs, in XCom before anything is submitted or deferred (``links.py``)."""
+        saves = self.output_dir and self.wait_for_completion
+        persist_links(
+            context,
+            output_location=self._output_base(context) if saves else None,
+            endpoint=lambda: self.hook.settings.endpoint,
+        )
+
+    # ------------------------------------------------------------------ OpenLineage
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Input files, saved files and the ``speedpixPrediction`` run facet (docs/operators.md,
+        "OpenLineage"). Called by the OpenLineage provider's listener when it is installed."""
+        from airflow_provider_speedpix._lineage import run_lineage
+
+        return run_lineage(self)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        """As on completion: the facet then names the failed prediction, its status and error code."""
+        from airflow_provider_speedpix._lineage import run_lineage
+
+        return run_lineage(self)
 
     def on_kill(self) -> None:
         """SpeedPix has no cancel call: say so, with the id, so a person can follow up."""
