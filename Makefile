@@ -12,7 +12,7 @@ FLOOR_PYTHON ?= python3.11
 FLOOR_VENV := .venv-floor
 FLOOR_BIN := $(FLOOR_VENV)/bin
 FLOOR_PINS := apache-airflow==3.3.0 apache-airflow-providers-common-compat==1.23.0 \
-	requests==2.32.2 httpx==0.28.0
+	requests==2.32.2 aiohttp==3.10.11
 FLOOR_STAMP := $(FLOOR_VENV)/.installed-floor
 
 .PHONY: venv venv-floor demo gallery test test-floor lint e2e e2e-distributed bench clean

@@ -2,12 +2,13 @@
 
 Variants (each in a fresh child process, so RSS and CPU are not shared):
 
-* ``shared``      - the provider as shipped: every trigger uses the loop's one ``httpx.AsyncClient`` (lanes,
-  in-flight limit sized from the measured round trip).
+* ``shared``      - the provider as shipped: every trigger uses the loop's one ``aiohttp.ClientSession``
+  (``_transport.AsyncClient``; in-flight limit sized from the measured round trip).
 * ``floor``       - the floor: N plain coroutines make the same signed status call on the same schedule
   with a minimal HTTP/1.1 keep-alive client on raw asyncio streams (``_floor.py``), as many connections
   as the provider may open. No trigger, no retries, no timeouts: what one call must cost at least.
-* ``per_trigger`` - (``--variants``) the usual pattern: every trigger creates its own ``httpx.AsyncClient``.
+* ``per_trigger`` - (``--variants``) the usual pattern: every trigger creates its own client (its own
+  ``aiohttp.ClientSession`` and connection pool).
 
 Per variant: N predictions lasting an hour are created beforehand (not measured); the pollers start
 staggered over one poll interval with a fixed period (``max_poll_interval == poll_interval``); after every
@@ -18,7 +19,9 @@ one has polled once plus one more interval (warm-up), a fixed window is measured
   slot + the call), p50/p99, against the interval;
 * CPU seconds per status call: this process's CPU during the window / status calls the emulator counted;
 * RSS per in-flight prediction and startup (until every poller has polled once);
-* emulator CPU (1.0 = one core; it is single-threaded) to tell when the server is the bottleneck.
+* emulator CPU (1.0 = one core; it is single-threaded) to tell when the server is the bottleneck;
+* diagnostics: the loop's lag (how late a 0.1 s sleep wakes), the in-flight limit once a second, and the
+  garbage collector's runs and CPU per generation in the window.
 
 ``--cases 1000:0,5000:0,5000:0.05`` picks fleet sizes and the latency (seconds) the emulator adds to each call.
 """
@@ -31,6 +34,7 @@ import gc
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +44,7 @@ import _common as c
 BENCH = "B1 trigger fleet"
 VARIANTS = ("floor", "shared", "per_trigger")
 PREDICTION_SECONDS = 3600  # in flight for the whole measurement
+LAG_PROBE = 0.1  # seconds: the window is measured in steps of this, each noting how late it woke
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -47,10 +52,8 @@ PREDICTION_SECONDS = 3600  # in flight for the whole measurement
 
 async def _child_main(args: argparse.Namespace) -> dict:
     import _floor
-    import httpx
 
     import airflow_provider_speedpix._transport as transport_mod
-    import airflow_provider_speedpix.triggers.speedpix as trig_mod
     from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
     from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
 
@@ -62,16 +65,16 @@ async def _child_main(args: argparse.Namespace) -> dict:
 
     measuring = False
     created_in_window = 0
+    clients: dict[asyncio.Task | None, transport_mod.AsyncClient] = {}
     if args.child == "per_trigger":
-        clients: dict[asyncio.Task | None, httpx.AsyncClient] = {}
 
-        def per_trigger_client() -> httpx.AsyncClient:
+        def per_trigger_client() -> transport_mod.AsyncClient:
             task = asyncio.current_task()
             client = clients.get(task)
             if client is None:
                 nonlocal created_in_window
                 created_in_window += measuring
-                client = clients[task] = httpx.AsyncClient(timeout=transport_mod.REQUEST_TIMEOUT)
+                client = clients[task] = transport_mod.AsyncClient()
             return client
 
         transport_mod.shared_async_client = per_trigger_client  # type: ignore[assignment]
@@ -84,21 +87,6 @@ async def _child_main(args: argparse.Namespace) -> dict:
     errors = 0
     first_polled: set[str] = set()
 
-    class TimedAsyncio:
-        """The trigger module's view of ``asyncio``: ``sleep`` records how late it woke."""
-
-        def __getattr__(self, name: str):
-            return getattr(asyncio, name)
-
-        @staticmethod
-        async def sleep(delay: float, result=None):
-            due = loop.time() + delay
-            await real_sleep(delay)
-            if measuring:
-                lags.append(loop.time() - due)
-            return result
-
-    trig_mod.asyncio = TimedAsyncio()  # type: ignore[assignment]
     original_get = SpeedPixHook.aget_prediction
 
     def polled(prediction_id: str, started: float) -> None:
@@ -176,8 +164,26 @@ async def _child_main(args: argparse.Namespace) -> dict:
 
     stats0 = await asyncio.to_thread(emulator.stats)
     emu_cpu0, cpu0, t0 = emulator.cpu_seconds(), c.cpu_seconds(), loop.time()
+    gc_runs: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    gc_started = [0.0]
+
+    def gc_timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_started[0] = time.process_time()
+        elif measuring:
+            gc_runs[info["generation"]].append(time.process_time() - gc_started[0])
+
+    gc.callbacks.append(gc_timer)
     measuring = True
-    await real_sleep(args.window)
+    limits: list[int] = []
+    ticks = round(args.window / LAG_PROBE)
+    for tick in range(ticks):  # the loop's lag (how late a short sleep wakes), the in-flight limit
+        due = loop.time() + LAG_PROBE
+        await real_sleep(LAG_PROBE)
+        lags.append(loop.time() - due)
+        slots = transport_mod._ASYNC_SLOTS.get(loop)
+        if tick % round(1 / LAG_PROBE) == 0 and slots is not None:
+            limits.append(slots.limit)
     measuring = False
     elapsed = loop.time() - t0
     cpu = c.cpu_seconds() - cpu0
@@ -190,8 +196,9 @@ async def _child_main(args: argparse.Namespace) -> dict:
     await asyncio.gather(*tasks, return_exceptions=True)
 
     await pool.close()
+    for client in clients.values():
+        await client.aclose()
     progress_calls = stats1["calls"]["comfy_get_progress"] - stats0["calls"]["comfy_get_progress"]
-    slots = transport_mod._ASYNC_SLOTS.get(loop)
     return {
         "variant": args.child,
         "n": n,
@@ -206,13 +213,16 @@ async def _child_main(args: argparse.Namespace) -> dict:
         "latency_p99": c.percentile(latencies, 99),
         "period_p50": c.percentile(periods, 50),
         "period_p99": c.percentile(periods, 99),
-        "in_flight_limit": None if slots is None else slots.limit,
+        "in_flight_limit": max(limits) if limits else None,
+        "in_flight_limits": limits,
         "client_calls": calls,
         "progress_calls": progress_calls,
         "errors": errors,
         "events": len(events),
         "clients_created_in_window": created_in_window,
         "cpu_s": cpu,
+        "gc_runs": {gen: len(runs) for gen, runs in gc_runs.items()},
+        "gc_cpu_s": {gen: round(sum(runs), 3) for gen, runs in gc_runs.items()},
         "cpu_per_call": cpu / progress_calls if progress_calls else float("nan"),
         "rss_per_prediction": (rss_after - rss_before) / n,
         "rss_before": rss_before,
@@ -244,6 +254,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     cmd = [sys.executable, __file__, "--child", variant, "--ids-file", str(ids_file)]
                     cmd += ["--url", emu.url, "--emulator-pid", str(emu.pid), "--window", str(args.window)]
                     cmd += ["--poll-interval", str(interval), "--startup-timeout", str(args.startup_timeout)]
+                    cmd += ["--gc-threshold", str(args.gc_threshold)]
                     timeout = args.startup_timeout + args.window + 2 * interval + 120
                     results[variant] = res = c.child_json(cmd, timeout=timeout, log=sys.stderr)
                     print(
@@ -337,6 +348,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poll-interval", type=float, default=5.0)
     parser.add_argument("--startup-timeout", type=float, default=420.0)
     parser.add_argument("--json-out", default=None)
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=0,
+        help="the garbage collector's generation-0 threshold in the children (default: Python's, 700)",
+    )
     # child mode
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--latency", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -355,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         c.raise_fd_limit()
+        if args.gc_threshold:
+            gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
         c.setup_env(args.url)
         print(json.dumps(asyncio.run(_child_main(args))))
         return 0

@@ -6,12 +6,12 @@ process against one emulator: ``--concurrency`` workers each make ``--count`` / 
 time per call. Variants:
 
 * ``floor``       - raw asyncio streams (``_floor.py``): the least any client can spend.
-* ``aiohttp``     - a minimal ``aiohttp.ClientSession`` (only if aiohttp is importable; it is not a
-  dependency: ``pip install --target DIR aiohttp`` and ``--extra-path DIR``).
-* ``httpx``       - ``httpx.AsyncClient`` with a pool of ``concurrency`` connections, ``client.post``.
+* ``aiohttp``     - a minimal ``aiohttp.ClientSession.post`` (the stack the provider uses since issue 12).
+* ``httpx``       - ``httpx.AsyncClient`` (the provider's stack before issue 12) with a pool of ``concurrency`` connections, ``client.post``.
 * ``httpx_pool2x`` - the same with twice the connections and no keep-alive expiry (pool tuning).
 * ``httpcore``    - ``httpcore.AsyncConnectionPool`` directly (httpx's engine without httpx's models).
-* ``hook``        - the provider: ``SpeedPixHook.aget_prediction`` (lanes, in-flight limit, whole reads).
+* ``hook``        - the provider: ``SpeedPixHook.aget_prediction`` (the loop's shared aiohttp session,
+  in-flight limit, proxies per host, timeouts, retries, error mapping, whole reads).
 
 Usage: ``.venv/bin/python benchmarks/http_stacks.py --concurrency 16 [--latency 0.05]``.
 """
@@ -123,13 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--extra-path", default=None, help="a directory with aiohttp installed")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--ids-file", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.extra_path:
-        sys.path.append(args.extra_path)
     if args.child:
         c.setup_env(args.url)
         print(json.dumps(asyncio.run(_child(args))))
@@ -151,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                 emu.url,
             ]
             cmd += ["--concurrency", str(args.concurrency), "--count", str(args.count)]
-            cmd += ["--extra-path", args.extra_path] if args.extra_path else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ)
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             print(lines[-1] if lines else f"{variant}: failed {out.stderr[-500:]}", flush=True)

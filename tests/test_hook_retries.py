@@ -1,7 +1,7 @@
 """The retry policy on the wire: what is retried, how often, and that every attempt is freshly signed.
 
-Sync path with requests-mock, async path with ``httpx.MockTransport``, then the same against the emulator's
-fault injection (real sockets: resets, slow answers).
+Sync path with requests-mock, async path against a scripted server on loopback (``tests/_scripted_http``),
+then the same against the emulator's fault injection (real sockets: resets, slow answers).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import io
 import json
 import time
 
-import httpx
 import pytest
 import requests
 import urllib3
@@ -34,6 +33,14 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixUploadError,
 )
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook, should_retry
+from tests._scripted_http import (
+    RESET,
+    Answer,
+    ScriptedServer,
+    Stall,
+    closed_port_url,
+    full_backlog_port,
+)
 from tests.conftest import FakeClock, use_emulator_connection, use_speedpix_connection
 
 BASE = "http://sp.test"
@@ -357,8 +364,7 @@ def test_gzip_response_is_decoded(monkeypatch, requests_mock, flavour):
         requests_mock.post(PROGRESS_URL, content=body, headers=gzip_headers)
         prediction = SpeedPixHook().get_prediction("task-1")
     else:
-        recorder = AsyncRecorder([a_status(200, content=body, headers=gzip_headers)])
-        prediction = recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("task-1"))
+        prediction, _ = arun(monkeypatch, [Answer(200, gzip_headers, body)])
     assert prediction.status == "running"
 
 
@@ -436,64 +442,45 @@ def test_expired_twice_gives_up(hook, requests_mock):
     assert len(posts(requests_mock, SIGN_URL)) == 2
 
 
-# ---------------------------------------------------------------- async (httpx.MockTransport)
-class AsyncRecorder:
-    """A MockTransport that answers from a script and records every request."""
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        time.sleep(0.002)  # distinct timestamps between attempts
-        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
-        if isinstance(step, Exception):
-            raise step
-        return step
-
-    def run(self, monkeypatch, coro_factory):
-        async def main():
-            client = httpx.AsyncClient(transport=httpx.MockTransport(self))
-            monkeypatch.setattr(transport_module, "shared_async_client", lambda: client)
-            try:
-                return await coro_factory()
-            finally:
-                await client.aclose()
-
-        return asyncio.run(main())
-
-
+# ---------------------------------------------------------------- async (a scripted server on loopback)
 def a_running():
-    return httpx.Response(200, json=RUNNING["json"])
+    return Answer(200, {"Content-Type": "application/json"}, json.dumps(RUNNING["json"]).encode())
 
 
-def a_status(code, **kwargs):
-    return httpx.Response(code, **kwargs)
+def a_status(code, headers=None, text=""):
+    return Answer(code, headers or {}, text.encode())
+
+
+def arun(monkeypatch, script, *, aget=lambda: SpeedPixHook().aget_prediction("task-1"), **extra):
+    """Point the connection at a :class:`ScriptedServer` playing ``script``; run ``aget()`` on a new loop.
+    Returns ``(result or raised error, recorded requests)``."""
+    with ScriptedServer(script) as server:
+        use_connection(monkeypatch, host=server.url, **extra)
+        try:
+            return asyncio.run(aget()), server.requests
+        except Exception as err:
+            return err, server.requests
 
 
 def test_async_5xx_and_throttling_retried(monkeypatch):
-    recorder = AsyncRecorder(
-        [
-            a_status(503, text="Service Unavailable"),
-            a_status(429, headers=THROTTLED_429["headers"]),
-            a_status(403, headers=THROTTLED_403["headers"]),
-            a_status(502, text="<html>bad gateway</html>"),
-            a_running(),
-        ]
-    )
-    use_connection(monkeypatch, retry_limit=5)
-    prediction = recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("task-1"))
+    script = [
+        a_status(503, text="Service Unavailable"),
+        a_status(429, headers=THROTTLED_429["headers"]),
+        a_status(403, headers=THROTTLED_403["headers"]),
+        a_status(502, text="<html>bad gateway</html>"),
+        a_running(),
+    ]
+    prediction, requests_seen = arun(monkeypatch, script, retry_limit=5)
     assert prediction.status == "running"
-    assert len(recorder.requests) == 5
-    nonces = {r.headers["x-ca-nonce"] for r in recorder.requests}
-    stamps = [int(r.headers["x-ca-timestamp"]) for r in recorder.requests]
+    assert len(requests_seen) == 5
+    nonces = {r.headers["x-ca-nonce"] for r in requests_seen}
+    stamps = [int(r.headers["x-ca-timestamp"]) for r in requests_seen]
     assert len(nonces) == 5
     assert stamps == sorted(stamps) and len(set(stamps)) == 5
-    for request in recorder.requests:
-        body = request.content
-        assert body == b'{"taskId":"task-1"}'
-        assert request.headers["content-md5"] == base64.b64encode(hashlib.md5(body).digest()).decode()
+    for request in requests_seen:
+        assert request.path == "/scc/comfy_get_progress"
+        assert request.body == b'{"taskId":"task-1"}'
+        assert request.headers["content-md5"] == base64.b64encode(hashlib.md5(request.body).digest()).decode()
         expected = compute_signature(
             SECRET, string_to_sign(method="POST", path="/scc/comfy_get_progress", headers=request.headers)
         )
@@ -501,44 +488,82 @@ def test_async_5xx_and_throttling_retried(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "failure",
-    [
-        httpx.ReadTimeout("read timed out"),
-        httpx.RemoteProtocolError("peer closed connection"),
-        httpx.ConnectError("refused"),
-    ],
-    ids=["read-timeout", "reset", "refused"],
+    ("failure", "timeout"),
+    [(Stall(1.0), 0.3), (RESET, 5)],
+    ids=["read-timeout", "reset"],
 )
-def test_async_transport_errors_on_progress_retried(monkeypatch, failure):
-    use_connection(monkeypatch)
-    recorder = AsyncRecorder([failure, a_running()])
-    prediction = recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("task-1"))
+def test_async_transport_errors_on_progress_retried(monkeypatch, failure, timeout):
+    prediction, requests_seen = arun(monkeypatch, [failure, a_running()], timeout=timeout)
     assert prediction.status == "running"
-    assert len(recorder.requests) == 2
+    assert len(requests_seen) == 2
+
+
+@pytest.mark.parametrize("where", ["refused", "connect-timeout"])
+def test_async_never_sent_is_retried_even_for_a_create(monkeypatch, where):
+    """Refused, or no connection within the timeout: the request never left, so even a create is retried
+    (each attempt signed anew) and the error says reached_server False."""
+    signed = []
+    real = transport_module.signed_headers
+    monkeypatch.setattr(transport_module, "signed_headers", lambda *a, **k: signed.append(1) or real(*a, **k))
+
+    def create(url: str) -> SpeedPixTransportError:
+        use_connection(monkeypatch, host=url, timeout=0.2)
+        settings = SpeedPixHook().settings
+        with pytest.raises(SpeedPixTransportError) as info:
+            asyncio.run(transport_module.acall(settings, proto.CREATE, {"x": 1}, log=retry_module._LOG))
+        return info.value
+
+    if where == "refused":
+        error = create(closed_port_url())
+        assert "connection refused" in str(error)
+    else:
+        with full_backlog_port() as port:
+            error = create(f"http://127.0.0.1:{port}")
+        assert "connecting timed out" in str(error)
+    assert error.reached_server is False
+    assert len(signed) == RETRY_LIMIT
+
+
+def test_async_tls_failure_is_named_and_never_left(monkeypatch):
+    """An https endpoint that does not speak TLS (here: plain HTTP): the handshake fails before anything
+    is sent, so it is retried even for a create, and the message points at the CA bundle."""
+    with ScriptedServer([a_running()]) as server:
+        use_connection(monkeypatch, host=server.url.replace("http://", "https://"), retry_limit=2)
+        settings = SpeedPixHook().settings
+        with pytest.raises(SpeedPixTransportError, match="TLS handshake failed") as info:
+            asyncio.run(transport_module.acall(settings, proto.CREATE, {"x": 1}, log=retry_module._LOG))
+        assert server.requests == []  # nothing reached the HTTP layer
+    assert info.value.reached_server is False
 
 
 def test_async_400_not_retried(monkeypatch):
-    use_connection(monkeypatch)
-    recorder = AsyncRecorder([a_status(400, headers=BAD_SIGNATURE_400["headers"]), a_running()])
-    with pytest.raises(SpeedPixAuthError, match="I400SG"):
-        recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("task-1"))
-    assert len(recorder.requests) == 1
+    error, requests_seen = arun(
+        monkeypatch, [a_status(400, headers=BAD_SIGNATURE_400["headers"]), a_running()]
+    )
+    assert isinstance(error, SpeedPixAuthError) and "I400SG" in str(error)
+    assert len(requests_seen) == 1
 
 
 def test_async_retries_bounded(monkeypatch):
-    use_connection(monkeypatch)
-    recorder = AsyncRecorder([httpx.ReadTimeout("slow")])
-    with pytest.raises(SpeedPixTransportError, match="no answer within the timeout"):
-        recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("task-1"))
-    assert len(recorder.requests) == RETRY_LIMIT
+    error, requests_seen = arun(monkeypatch, [Stall(1.0)], timeout=0.2)
+    assert isinstance(error, SpeedPixTransportError), error
+    assert "no answer within the timeout" in str(error) and error.reached_server is True
+    assert len(requests_seen) == RETRY_LIMIT
+
+
+def test_async_api_error_keeps_the_code_and_request_id(monkeypatch):
+    error, _ = arun(monkeypatch, [a_status(429, headers=THROTTLED_429["headers"])], retry_limit=1)
+    assert isinstance(error, SpeedPixThrottledError)
+    assert (error.status_code, error.error_code, error.request_id) == (429, "T429ID", "rq-429")
 
 
 def test_async_oversized_response_is_refused(monkeypatch):
-    use_connection(monkeypatch, retry_limit=1)
     monkeypatch.setattr(transport_module, "MAX_RESPONSE_BYTES", 100)
-    recorder = AsyncRecorder([a_status(200, json=envelope({"status": "running", "pad": "x" * 500}))])
-    with pytest.raises(SpeedPixResponseError, match="larger than"):
-        recorder.run(monkeypatch, lambda: SpeedPixHook().aget_prediction("t"))
+    big = json.dumps(envelope({"status": "running", "pad": "x" * 500})).encode()
+    error, _ = arun(
+        monkeypatch, [Answer(200, {}, big)], aget=lambda: SpeedPixHook().aget_prediction("t"), retry_limit=1
+    )
+    assert isinstance(error, SpeedPixResponseError) and "larger than" in str(error)
 
 
 def test_shared_async_client_is_per_loop():

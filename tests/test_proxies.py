@@ -1,5 +1,5 @@
 """Proxies: each request follows the environment's proxy rules for its own host, as plain ``requests``
-and ``httpx`` do, on the worker's session and on the trigger's shared client.
+does, on the worker's session and on the trigger's shared client (aiohttp, given requests' answer).
 
 The hook talks to the emulator's API as ``localhost`` while upload and output URLs name ``127.0.0.1``:
 two hosts that ``NO_PROXY`` can tell apart. :class:`RecordingProxy` is a small forward proxy on a real
@@ -179,3 +179,11 @@ def test_async_api_calls_follow_the_rule_for_their_host(
     status = asyncio.run(SpeedPixHook().aget_prediction(prediction.id)).status
     assert status == "waiting"
     assert proxy.hosts() == ({"localhost"} if through_proxy else set())
+
+
+def test_async_unreachable_proxy_is_named_and_never_reached_the_api(api_as_localhost, monkeypatch):
+    use_proxy(monkeypatch, "http://127.0.0.1:9", no_proxy="")
+    with pytest.raises(SpeedPixTransportError, match=r"proxy could not be reached.*NO_PROXY") as info:
+        asyncio.run(SpeedPixHook().aget_prediction("any-id"))
+    assert info.value.reached_server is False
+    assert info.value.__cause__ is None and info.value.__context__ is None

@@ -39,6 +39,7 @@ from airflow_provider_speedpix.exceptions import (
     SpeedPixUploadError,
 )
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
+from tests._scripted_http import full_backlog_port
 from tests.conftest import ROOT, use_speedpix_connection
 from tests.test_example_dags import load
 from tests.test_operator import HEADER, one_run_task, ti_of, xcom
@@ -351,7 +352,12 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", inputs={"tex
     assert dr.state == "success"
     rows = run_rows(dr)
     prediction_id = xcom(dr, "run", "prediction_id")
-    assert {key for key, _, _ in rows["xcom"]} == {"prediction_id", "return_value"}
+    assert {key for key, _, _ in rows["xcom"]} == {
+        "prediction_id",
+        "return_value",
+        "speedpix_outputs_link",
+        "speedpix_console_link",
+    }
     assert any(dr.run_id in json.dumps(r[1]) for r in rows["rendered"])
     assert any(kw.get("prediction_id") == prediction_id for kw in rows["trigger_kwargs"])
     assert "Created SpeedPix prediction" in capfd.readouterr().out
@@ -511,6 +517,60 @@ def test_exceptions_of_a_failed_download(leak_conn, monkeypatch, tmp_path):
         with pytest.raises(SpeedPixDownloadError) as info:
             hook.download(url, tmp_path / "out.png")
         assert scan_exception(needles, info.value) == []
+
+
+def test_errors_logs_and_events_of_the_async_transport(leak_conn, recorder, monkeypatch, caplog, capfd):
+    """aiohttp's exceptions carry the full URL (``ConnectionTimeoutError``'s message) and the signed
+    headers (``request_info``): none of it, nor the library's exception itself, may reach an error, a log
+    line or a trigger's event. Resets and read timeouts (emulator), a connect timeout, a refused port."""
+    import asyncio
+    import socket
+
+    from airflow_provider_speedpix.exceptions import SpeedPixError, SpeedPixTransportError
+    from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
+
+    caplog.set_level(logging.DEBUG)
+    extra = {**EXTRA, "timeout": 0.3}
+    prediction = _hook(monkeypatch, leak_conn).create_prediction("sleep-100", {})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    errors: list[BaseException] = []
+    events: list[dict] = []
+    urls = [leak_conn.url, refused]
+
+    def poll(url: str) -> None:
+        use_speedpix_connection(monkeypatch, host=url, login=APP_KEY, password=SECRET, extra=extra)
+        with pytest.raises(SpeedPixTransportError) as info:
+            asyncio.run(SpeedPixHook().aget_prediction(prediction.id))
+        errors.append(info.value)
+        trigger = SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1, max_consecutive_errors=1)
+
+        async def drain() -> list[dict]:
+            return [event.payload async for event in trigger.run()]
+
+        events.extend(asyncio.run(asyncio.wait_for(drain(), timeout=30)))
+
+    leak_conn.inject("comfy_get_progress", "reset", times=4)
+    poll(leak_conn.url)
+    leak_conn.inject("comfy_get_progress", "slow", times=4, delay=1.0)
+    poll(leak_conn.url)
+    poll(refused)
+    with full_backlog_port() as port:
+        urls.append(f"http://127.0.0.1:{port}")
+        poll(urls[-1])
+    assert [e["status"] for e in events] == ["error"] * 4
+    assert {e.reached_server for e in errors} == {True, False}
+    assert all(isinstance(e, SpeedPixError) for err in errors for e in exception_chain(err))
+    needles = recorder.needles(*(f"{url}/scc/comfy_get_progress" for url in urls))
+    assert len(recorder.signatures) >= 8
+    hits = [hit for err in errors for hit in scan_exception(needles, err)]
+    hits += scan_text(needles, json.dumps(events), "trigger events")
+    logged = capfd.readouterr()
+    text = logged.out + logged.err + caplog.text
+    assert "attempt 1/2 failed" in text  # the retry warnings are in there
+    hits += scan_text(needles, text, "logs and output")
+    assert hits == []
 
 
 # ---------------------------------------------------------------------- masking

@@ -8,7 +8,6 @@ import threading
 import time
 from typing import Any
 
-import httpx
 import pytest
 
 from airflow_provider_speedpix import _transport as transport_module
@@ -368,18 +367,17 @@ def test_restart_rebuilds_from_kwargs_and_does_not_resubmit(speedpix_conn, monke
 
 # ---------------------------------------------------------------------- one shared client
 def test_many_triggers_share_one_client_per_loop(speedpix_conn, monkeypatch):
-    created: list[httpx.AsyncClient] = []
-    real = httpx.AsyncClient
+    created: list[transport_module.AsyncClient] = []
 
-    class CountingClient(real):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+    class CountingClient(transport_module.AsyncClient):
+        def __init__(self) -> None:
+            super().__init__()
             created.append(self)
 
-    monkeypatch.setattr(transport_module.httpx, "AsyncClient", CountingClient)
+    monkeypatch.setattr(transport_module, "AsyncClient", CountingClient)
     ids = [create("sleep-1").id for _ in range(50)]
 
-    async def main() -> tuple[list[list[dict]], httpx.AsyncClient | None]:
+    async def main() -> tuple[list[list[dict]], transport_module.AsyncClient | None]:
         results = await asyncio.gather(
             *(collect(SpeedPixPredictionTrigger(i, poll_interval=0.2)) for i in ids)
         )
@@ -391,7 +389,7 @@ def test_many_triggers_share_one_client_per_loop(speedpix_conn, monkeypatch):
     assert sorted(events[0]["prediction_id"] for events in results) == sorted(ids)
     assert len(created) == 1
     # the last trigger to finish closed it (tests/test_trigger_lifecycle.py)
-    assert loop_client is None and created[0].is_closed
+    assert loop_client is None and created[0].closed
 
 
 # ---------------------------------------------------------------------- adaptive polling

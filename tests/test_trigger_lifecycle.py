@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
-import httpx
 import psutil
 import pytest
 
@@ -67,17 +67,29 @@ def test_on_kill_never_raises(monkeypatch):
 
 # ---------------------------------------------------------------------- the shared client
 @pytest.fixture
-def clients(monkeypatch) -> list[httpx.AsyncClient]:
-    created: list[httpx.AsyncClient] = []
-    real = httpx.AsyncClient
+def clients(monkeypatch) -> list[transport_module.AsyncClient]:
+    """Every shared client (``_transport.AsyncClient``) made while the test runs."""
+    created: list[transport_module.AsyncClient] = []
 
-    class Recorded(real):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+    class Recorded(transport_module.AsyncClient):
+        def __init__(self) -> None:
+            super().__init__()
             created.append(self)
 
-    monkeypatch.setattr(transport_module.httpx, "AsyncClient", Recorded)
+    monkeypatch.setattr(transport_module, "AsyncClient", Recorded)
     return created
+
+
+@pytest.fixture
+def no_unclosed_warnings(caplog, recwarn):
+    """aiohttp reports a session or connector never closed through the loop's exception handler (the
+    ``asyncio`` logger) and ``ResourceWarning``; collect both once the test's clients are gone."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    yield
+    gc.collect()
+    unclosed = [r.getMessage() for r in caplog.records if "nclosed" in r.getMessage()]
+    unclosed += [str(w.message) for w in recwarn if issubclass(w.category, ResourceWarning)]
+    assert unclosed == []
 
 
 def open_sockets_to(port: int) -> int:
@@ -88,7 +100,9 @@ def open_sockets_to(port: int) -> int:
     )
 
 
-def test_client_is_closed_after_the_last_trigger_and_no_socket_stays_open(speedpix_conn, clients):
+def test_client_is_closed_after_the_last_trigger_and_no_socket_stays_open(
+    speedpix_conn, clients, no_unclosed_warnings
+):
     port = int(speedpix_conn.url.rsplit(":", 1)[1])
     ids = [create("sleep-0.3").id for _ in range(4)]
     before = open_sockets_to(port)  # the sync hook's keep-alive connections, not ours
@@ -105,7 +119,7 @@ def test_client_is_closed_after_the_last_trigger_and_no_socket_stays_open(speedp
 
     for _ in range(3):  # as dag.test() does: a new loop each time
         asyncio.run(main())
-    assert clients and all(client.is_closed for client in clients)
+    assert clients and all(client.closed for client in clients)
     assert open_sockets_to(port) <= before
 
 
@@ -116,9 +130,9 @@ def test_finishing_one_trigger_does_not_close_the_client_another_uses(speedpix_c
         slow = asyncio.create_task(collect(SpeedPixPredictionTrigger(long.id, poll_interval=0.1)))
         [first] = await collect(SpeedPixPredictionTrigger(short.id, poll_interval=0.1))
         in_use = transport_module._ASYNC_CLIENTS.get(asyncio.get_running_loop())
-        assert in_use is not None and not in_use.is_closed
+        assert in_use is not None and not in_use.closed
         [second] = await slow
-        assert in_use.is_closed
+        assert in_use.closed
         return first, second
 
     first, second = asyncio.run(main())
@@ -143,10 +157,13 @@ def test_cleanup_lets_go_even_when_run_never_finished(speedpix_conn, clients):
         assert transport_module._ASYNC_CLIENTS.get(asyncio.get_running_loop()) is None
 
     asyncio.run(main())
-    assert clients and all(client.is_closed for client in clients)
+    assert clients and all(client.closed for client in clients)
 
 
-def test_standalone_async_calls_close_their_client(speedpix_conn, clients):
+def test_standalone_async_calls_close_their_client(speedpix_conn, clients, no_unclosed_warnings):
     prediction = create("sleep-1")
+    port = int(speedpix_conn.url.rsplit(":", 1)[1])
+    before = open_sockets_to(port)
     asyncio.run(SpeedPixHook().aget_prediction(prediction.id))
-    assert len(clients) == 1 and clients[0].is_closed
+    assert len(clients) == 1 and clients[0].closed
+    assert open_sockets_to(port) <= before

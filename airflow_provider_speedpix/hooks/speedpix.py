@@ -155,7 +155,7 @@ class SpeedPixHook(BaseHook):
     async def _acall(
         self, operation: str, payload: Mapping[str, Any], *, allow_failure: bool = False
     ) -> proto.Envelope:
-        settings = await self.asettings()
+        settings = self._settings or await self.asettings()
         return await _transport.acall(settings, operation, payload, allow_failure=allow_failure, log=self.log)
 
     # ------------------------------------------------------------------ files
@@ -254,18 +254,13 @@ class SpeedPixHook(BaseHook):
         """:meth:`get_prediction` for the event loop (used by the trigger). Past ``time_left`` it raises
         a transient :class:`SpeedPixTransportError`, even while waiting for a free connection."""
         payload = {"taskId": check_prediction_id(prediction_id)}
-
-        async def poll() -> Prediction:
-            prediction = proto.parse_progress(prediction_id, await self._acall(proto.PROGRESS, payload))
-            if prediction.finished:
-                settle(prediction, await self._acall(proto.RESULT, payload, allow_failure=True))
-            return prediction
-
         if time_left is None:
-            return await poll()
+            return await self._apoll(prediction_id, payload)
         with within(time_left):
             try:
-                return await asyncio.wait_for(poll(), timeout=max(time_left, 0.0))
+                return await asyncio.wait_for(
+                    self._apoll(prediction_id, payload), timeout=max(time_left, 0.0)
+                )
             except TimeoutError:
                 raise SpeedPixTransportError(
                     f"SpeedPix {proto.PROGRESS}: no answer within the {time_left:.1f}s left before the "
@@ -273,6 +268,14 @@ class SpeedPixHook(BaseHook):
                     operation=proto.PROGRESS,
                     reached_server=True,
                 ) from None
+
+    async def _apoll(self, prediction_id: str, payload: Mapping[str, Any]) -> Prediction:
+        """One status call, and the result call once it says finished (a method, not a closure: a
+        triggerer keeps thousands of these alive)."""
+        prediction = proto.parse_progress(prediction_id, await self._acall(proto.PROGRESS, payload))
+        if prediction.finished:
+            settle(prediction, await self._acall(proto.RESULT, payload, allow_failure=True))
+        return prediction
 
     def wait_for_prediction(
         self,
