@@ -186,9 +186,7 @@ class BatchState:
 
     def has_ended(self, prediction_ids: Iterable[str]) -> None:
         """These predictions ended (the trigger said so): submit into their slots before collecting them."""
-        by_prediction = {
-            s.prediction_id: i.item_id for i in self.in_flight() if (s := self.states[i.item_id])
-        }
+        by_prediction = {self.states[i.item_id].prediction_id: i.item_id for i in self.in_flight()}
         self.ended.update(by_prediction[p] for p in prediction_ids if p in by_prediction)
 
     def next_to_submit(self) -> Item | None:
