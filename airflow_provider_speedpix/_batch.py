@@ -189,10 +189,6 @@ class BatchState:
         by_prediction = {self.states[i.item_id].prediction_id: i.item_id for i in self.in_flight()}
         self.ended.update(by_prediction[p] for p in prediction_ids if p in by_prediction)
 
-    def next_to_submit(self) -> Item | None:
-        group = self.next_group(1)
-        return group[0] if group else None
-
     def next_group(self, size: int) -> list[Item]:
         """The next queued items, in order, as many as ``size`` and the window's free slots allow."""
         room = min(size, self.free_slots())

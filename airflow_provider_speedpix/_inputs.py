@@ -72,6 +72,15 @@ def expand_user(path: Path) -> Path:
         return path
 
 
+def file_named_by(value: str) -> Path | None:
+    """The local file a string input names, or ``None`` for text: it looks like a path and the file
+    exists or has a media suffix (a missing ``/data/x.png`` is then reported, not sent as text)."""
+    if not looks_like_local_path(value):
+        return None
+    path = expand_user(Path(value))
+    return path if path.exists() or path.suffix.lower() in MEDIA_SUFFIXES else None
+
+
 def is_object_storage_path(value: Any) -> bool:
     """True for Airflow's ``ObjectStoragePath`` (checked without importing it eagerly)."""
     cls = type(value)
@@ -189,11 +198,8 @@ class InputPreparer:
                 raise SpeedPixInputError(f"{where}: {value!r} is not valid JSON; pass a finite number.")
             return value
         if isinstance(value, str):
-            if looks_like_local_path(value):
-                path = expand_user(Path(value))
-                if path.exists() or path.suffix.lower() in MEDIA_SUFFIXES:
-                    return self._file(_local_file(path, where), where)
-            return value
+            path = file_named_by(value)
+            return value if path is None else self._file(_local_file(path, where), where)
         if isinstance(value, Mapping):
             return {str(k): self._value(v, f"{where}[{k!r}]") for k, v in value.items()}
         if isinstance(value, list | tuple | set | frozenset):

@@ -21,11 +21,10 @@ from urllib.parse import urlsplit
 
 from airflow_provider_speedpix._batch_manifest import MANIFEST_NAME, output_path
 from airflow_provider_speedpix._inputs import (
-    MEDIA_SUFFIXES,
     expand_user,
+    file_named_by,
     is_file_object,
     is_object_storage_path,
-    looks_like_local_path,
 )
 
 #: Past this many files a dataset list names their folders instead (a batch of thousands of items).
@@ -141,10 +140,9 @@ def input_files(value: Any) -> list[Any]:
     as text, so it is no input dataset."""
     found: list[Any] = []
     if isinstance(value, str):
-        if looks_like_local_path(value):
-            path = expand_user(Path(value))
-            if path.exists() or path.suffix.lower() in MEDIA_SUFFIXES:
-                found.append(path)
+        path = file_named_by(value)
+        if path is not None:
+            found.append(path)
     elif isinstance(value, Mapping):
         for item in value.values():
             found += input_files(item)

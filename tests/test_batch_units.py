@@ -94,15 +94,15 @@ def test_failure_limit_count_and_fraction():
 def test_window_accounting_and_resume_threshold():
     state = state_of(10, window=4)
     for n in range(4):
-        item = state.next_to_submit()
-        assert item is not None and item.index == n
+        [item] = state.next_group(1)
+        assert item.index == n
         state.submitted(item.item_id, f"p{n}", "fp", 0.0)
-    assert state.next_to_submit() is None  # window full
+    assert state.next_group(1) == []  # window full
     assert state.resume_threshold() == 1  # ceil(4 * 0.25) with items still queued
     state.succeeded("0", ["f"], 1.5)
     counts = state.counts()
     assert (counts.succeeded, counts.in_flight, counts.queued) == (1, 3, 6)
-    assert state.next_to_submit().index == 4
+    assert [i.index for i in state.next_group(1)] == [4]
 
 
 def test_next_group_fills_the_window_in_order():

@@ -43,8 +43,9 @@ N = 200
 CATALOG_DURATION = 180.0
 #: asserted peak of deferred predictions: a quarter of them (12x the 4 slots); measured values are reported
 MIN_PEAK_DEFERRED = N // 4
-BATCH = "speedpix_e2e_dist_batch"
-BATCH_ITEMS = 500  # as in tests/e2e/dags/speedpix_e2e_dist_batch.py
+#: the single-machine batch DAG, whose output_dir is SPEEDPIX_CATALOG_URI (S3 in this deployment)
+BATCH = "speedpix_e2e_batch"
+BATCH_ITEMS = 500  # as in tests/e2e/dags/speedpix_e2e_batch.py
 BATCH_WINDOW = 100  # its max_in_flight
 #: Prediction length for (4): short, so the stage is bounded by the worker's rounds (creates, reads, S3
 #: writes), not by SpeedPix; a few minutes on the loaded machine.

@@ -1,4 +1,8 @@
-"""e2e: 500 items in one SpeedPixBatchRunOperator task, window 100, deferrable (tests/e2e/test_batch_deployment.py)."""
+"""e2e: 500 items in one SpeedPixBatchRunOperator task, window 100, deferrable.
+
+Run on one machine with kills (tests/e2e/test_batch_deployment.py) and on Celery with outputs in S3
+(tests/e2e/test_distributed.py, (4), with ``seconds`` 2), where ``SPEEDPIX_CATALOG_URI`` is the bucket.
+"""
 
 from __future__ import annotations
 
