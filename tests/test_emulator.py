@@ -286,7 +286,7 @@ def test_output_png_is_valid(clocked):
     raw = zlib.decompress(png[idat_start : idat_start + idat_len])
     assert len(raw) == 64 * (1 + 3 * 64)
     assert raw[:4] == b"\x00\xff\xff\xff"
-    assert b"\x80\x80\x80" in raw  # the grey square
+    assert hashlib.sha256(task_id.encode()).digest()[2:5] in raw  # the square, its colour from the task id
     assert requests.get(url, timeout=5).content == png  # deterministic
 
 
@@ -372,6 +372,16 @@ def test_output_from_base64_input_and_fallbacks():
     interlaced[ihdr + 12] = 1  # interlace flag (CRC now wrong too): not decodable -> fallback
     assert output_png("t2", "output", bytes(interlaced)) == output_png("t2", "output")
     assert base64.b64encode(small)  # (data URIs go through Storage.input_image, tested end to end)
+
+
+def test_generated_images_differ_per_task_and_per_output():
+    """Every generated image (each task's outputs, their default-output names) is distinct, so a test that
+    tells outputs apart never meets two equal ones by chance (a seed used to pick one of 16 positions)."""
+    from airflow_provider_speedpix.emulator.png import output_png
+
+    variants = ("output", "ComfyUI_00001_", "ComfyUI_00002_")
+    images = [output_png(f"task-{i}", variant) for i in range(300) for variant in variants]
+    assert len(set(images)) == len(images)
 
 
 def test_make_png_sizes():

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import struct
 import zlib
+from typing import Literal
 
 from airflow_provider_speedpix import _png
 
@@ -37,19 +38,24 @@ def make_png(
     height: int = 64,
     *,
     background: tuple[int, int, int] = (255, 255, 255),
-    square: tuple[int, int, int] | None = (128, 128, 128),
+    square: tuple[int, int, int] | Literal["seeded"] | None = "seeded",
     seed: str = "",
 ) -> bytes:
     """Return PNG bytes: a ``background`` canvas with a ``square`` in the middle.
 
-    ``seed`` (e.g. a task id) shifts the square deterministically, so different tasks can produce
-    different but reproducible images.
+    ``seed`` (e.g. a task id) moves the square deterministically and, with ``square="seeded"`` (the
+    default), picks its colour: different seeds give different, reproducible images (two of 16 x 16
+    positions x 2**24 colours). Unseeded, the square is grey, always at the same place.
     """
     if width <= 0 or height <= 0:
         raise ValueError("width and height must be positive")
-    offset = hashlib.sha256(seed.encode("utf-8")).digest()[0] % max(1, width // 4) if seed else 0
-    x0, x1 = width // 4 + offset - width // 8, 3 * width // 4 + offset - width // 8
-    y0, y1 = height // 4, 3 * height // 4
+    digest = hashlib.sha256(seed.encode("utf-8")).digest() if seed else bytes(5)
+    if square == "seeded":
+        square = (digest[2], digest[3], digest[4]) if seed else (128, 128, 128)
+    dx = digest[0] % max(1, width // 4)
+    dy = digest[1] % max(1, height // 4) - height // 8 if seed else 0
+    x0, x1 = width // 4 + dx - width // 8, 3 * width // 4 + dx - width // 8
+    y0, y1 = height // 4 + dy, 3 * height // 4 + dy
     bg = bytes(background)
     rows = []
     for y in range(height):
