@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from airflow_provider_speedpix.emulator.clock import Clock
-from airflow_provider_speedpix.exceptions import SpeedPixConfigError
+from airflow_provider_speedpix.exceptions import SpeedPixConfigError, SpeedPixError
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.operators.batch import SpeedPixBatchRunOperator
 from tests._helpers import with_upstream_value
@@ -305,13 +306,19 @@ def test_throttling_slows_down_never_fails(run_dag, batch_emulator, tmp_path, de
 
 def test_full_pool_backs_off_until_the_pool_frees(run_dag, batch_emulator, tmp_path, monkeypatch, capsys):
     batch_emulator.configure(full_pool_ids=["gpu-a"])
-    calls = {"n": 0}
+    refusals = {"n": 0}
+    lock = threading.Lock()
 
     def wrapper(create, workflow_id, inputs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            batch_emulator.configure(full_pool_ids=[])  # the pool frees up after two refusals
-        return create()
+        try:
+            return create()
+        except SpeedPixError:
+            # the pool frees up after two refusals (counted as they happen: creates run concurrently)
+            with lock:
+                refusals["n"] += 1
+                if refusals["n"] == 2:
+                    batch_emulator.configure(full_pool_ids=[])
+            raise
 
     patch_create(monkeypatch, wrapper)
     dr = run_dag(
