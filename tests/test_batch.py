@@ -201,11 +201,14 @@ def test_changed_request_is_never_reused(run_dag, batch_emulator, tmp_path, monk
     """The items file changes between tries: the changed item gets a new prediction, the others are reused."""
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps(p) + "\n" for p in products(6)))
-    state = {"n": 0}
+    killed = threading.Event()
 
     def wrapper(create, workflow_id, inputs):
-        state["n"] += 1
-        if state["n"] == 6:  # five created and persisted; the DAG's data changes, the worker dies
+        # The first try's create of the last item (one round of 6 creates on parallel threads, in no fixed
+        # order): the try ends only once items 0-4 are created and persisted. The DAG's data changes and
+        # the worker dies.
+        if inputs["text"] == "product 5" and not killed.is_set():
+            killed.set()
             lines = items.read_text().splitlines()
             lines[2] = json.dumps({"sku": "SKU-002", "text": "a different prompt"})
             items.write_text("\n".join(lines) + "\n")
@@ -215,6 +218,7 @@ def test_changed_request_is_never_reused(run_dag, batch_emulator, tmp_path, monk
     patch_create(monkeypatch, wrapper)
     dr = run_dag(retried_batch_dag(tmp_path / "out", str(items), deferrable=False))
     assert dr.state == "success"
+    assert killed.is_set() and ti_of(dr, "batch").try_number == 2
     # 5 on the first try; the retry reuses 4, submits the changed item 2 and the never-submitted item 5
     assert batch_emulator.stats()["calls"]["comfy_prompt"] == 7
     tasks = batch_emulator.app.state.emulator.backend.tasks.values()

@@ -486,9 +486,22 @@ def test_trigger_on_kill_counts_only_those_still_in_flight(monkeypatch, capsys, 
     caplog.set_level(logging.WARNING)
     monkeypatch.setattr(trigger_module, "SpeedPixHook", FakeHook({"a": "succeeded", "b": "running"}))
     trigger = SpeedPixBatchTrigger(["a", "b"], min_finished=2, poll_interval=60.0)
+    asleep: list[asyncio.Event] = []
+
+    async def sleep(seconds: float) -> None:
+        asleep[0].set()  # its first round is done: "a" finished, "b" still in flight
+        await asyncio.sleep(seconds)
+
+    monkeypatch.setattr(trigger_module, "_sleep", sleep)
 
     async def main() -> None:
-        await cancel_after(trigger.run().__anext__(), 0.05)
+        asleep.append(asyncio.Event())
+        # cancelled as the triggerer does on a user action, once it waits for its next round
+        run = asyncio.ensure_future(trigger.run().__anext__())
+        await asyncio.wait_for(asleep[0].wait(), timeout=10)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
         await trigger.on_kill()
 
     capsys.readouterr()

@@ -627,14 +627,14 @@ def test_fault_reset_with_requests_and_httpx(emulator):
 
 
 def test_fault_slow_read_timeout(emulator):
-    emulator.inject("comfy_get_progress", "slow", delay=1.0)
+    emulator.inject("comfy_get_progress", "slow", delay=3.0)  # far past the timeout, even on a busy machine
     with pytest.raises(requests.exceptions.ReadTimeout):
         progress_call(emulator, timeout=0.3)
     emulator.inject("comfy_get_progress", "slow", delay=0.3)
     started = time.monotonic()
     r = progress_call(emulator, timeout=5)
     assert r.status_code == 200
-    assert time.monotonic() - started >= 0.3
+    assert time.monotonic() - started >= 0.3 - 0.005  # the server's loop may wake a timer up to 1 ms early
 
 
 def test_fault_times_and_fifo(emulator):
@@ -683,9 +683,11 @@ def test_create_side_before_faults_create_nothing(emulator, kind):
 
 
 def test_create_side_slow_and_reset_create_the_task(emulator):
-    emulator.inject("comfy_prompt", "slow", delay=0.8)
+    # the timeout gives the server ample time to start the create before the client hangs up (a request
+    # dropped before its handler runs creates nothing); the answer is held back far longer
+    emulator.inject("comfy_prompt", "slow", delay=3.0)
     with pytest.raises(requests.exceptions.ReadTimeout):
-        signed_post(emulator, PROMPT, {"workflow_id": "wf-1", "inputs": {}}, timeout=0.2)
+        signed_post(emulator, PROMPT, {"workflow_id": "wf-1", "inputs": {}}, timeout=1.0)
     assert emulator.stats()["predictions"] == 1
     emulator.inject("comfy_prompt", "reset")
     with pytest.raises(requests.exceptions.ConnectionError):
@@ -763,7 +765,10 @@ def result_data(emu, task_id):
 
 
 def test_capacity_queues_in_fifo_order_with_true_positions(make_emulator):
-    emu = make_emulator(capacity=2)  # duration 1 s: dispatch 0.1 s, running 0.9 s
+    # a whole-second start: the epoch-ms begin times below are then exact (an arbitrary sub-ms fraction
+    # near .5 rounded 0.1 s and 1.0 s after it differently, 1 run in ~5,000: 899 or 901 instead of 900)
+    clock = ManualClock(start=int(time.time()))
+    emu = make_emulator(capacity=2, clock=clock)  # duration 1 s: dispatch 0.1 s, running 0.9 s
     ids = [create(emu)["data"]["taskId"] for _ in range(5)]
     first = [progress(emu, t) for t in ids]
     assert [d["status"] for d in first] == ["waiting"] * 5

@@ -593,20 +593,27 @@ def test_aget_prediction_wrong_secret(emulator, monkeypatch):
 
 
 # ---------------------------------------------------------------- wait_for_prediction / run
-def test_wait_for_prediction_success(hook, emulator):
-    prediction = hook.create_prediction("wf-1", {})
+def test_wait_for_prediction_success(clocked):
+    hook = SpeedPixHook()
+    prediction = hook.create_prediction("wf-1", {})  # 1 s of emulator time
     seen = []
+
+    def on_update(update):
+        seen.append(update)
+        clocked.clock.advance(0.5)  # time moves only between polls: the first poll sees the task waiting
+
     started = time.monotonic()
-    done = hook.wait_for_prediction(prediction.id, poll_interval=0.05, timeout=10, on_update=seen.append)
+    done = hook.wait_for_prediction(prediction.id, poll_interval=0.05, timeout=10, on_update=on_update)
     assert time.monotonic() - started < 5
     assert done.succeeded
     assert without_signatures(done.output) == {
-        "images": {"url": f"{emulator.url}/_emulator/files/outputs/{prediction.id}/output.png"}
+        "images": {"url": f"{clocked.url}/_emulator/files/outputs/{prediction.id}/output.png"}
     }
     assert "Signature=" in done.output["images"]["url"]  # the hook hands signed URLs to its caller
     assert seen[-1] is done
     assert [p.status for p in seen[:-1]] and all(not p.finished for p in seen[:-1])
-    assert emulator.stats()["calls"]["comfy_get_result"] == 1
+    assert seen[0].status == "waiting"
+    assert clocked.stats()["calls"]["comfy_get_result"] == 1
 
 
 def test_wait_for_prediction_failure(hook):

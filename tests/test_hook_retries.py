@@ -451,15 +451,29 @@ def a_status(code, headers=None, text=""):
     return Answer(code, headers or {}, text.encode())
 
 
-def arun(monkeypatch, script, *, aget=lambda: SpeedPixHook().aget_prediction("task-1"), **extra):
+def arun(
+    monkeypatch,
+    script,
+    *,
+    aget=lambda: SpeedPixHook().aget_prediction("task-1"),
+    settle: int | None = None,
+    **extra,
+):
     """Point the connection at a :class:`ScriptedServer` playing ``script``; run ``aget()`` on a new loop.
-    Returns ``(result or raised error, recorded requests)``."""
+    Returns ``(result or raised error, recorded requests)``.
+
+    ``settle``: before the server stops, wait (up to 10 s) until it has recorded that many requests. A
+    client that gave up at its timeout may return before the server thread read its last request."""
     with ScriptedServer(script) as server:
         use_connection(monkeypatch, host=server.url, **extra)
         try:
-            return asyncio.run(aget()), server.requests
+            result = asyncio.run(aget())
         except Exception as err:
-            return err, server.requests
+            result = err
+        deadline = time.monotonic() + 10
+        while settle is not None and len(server.requests) < settle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return result, server.requests
 
 
 def test_async_5xx_and_throttling_retried(monkeypatch):
@@ -489,7 +503,9 @@ def test_async_5xx_and_throttling_retried(monkeypatch):
 
 @pytest.mark.parametrize(
     ("failure", "timeout"),
-    [(Stall(1.0), 0.3), (RESET, 5)],
+    # read-timeout: the retry's answer must come within the timeout (else a third attempt), and the stall
+    # must outlast it by far (else the client sees the dropped connection instead)
+    [(Stall(3.0), 1.0), (RESET, 5)],
     ids=["read-timeout", "reset"],
 )
 def test_async_transport_errors_on_progress_retried(monkeypatch, failure, timeout):
@@ -545,7 +561,7 @@ def test_async_400_not_retried(monkeypatch):
 
 
 def test_async_retries_bounded(monkeypatch):
-    error, requests_seen = arun(monkeypatch, [Stall(1.0)], timeout=0.2)
+    error, requests_seen = arun(monkeypatch, [Stall(3.0)], timeout=0.2, settle=RETRY_LIMIT)
     assert isinstance(error, SpeedPixTransportError), error
     assert "no answer within the timeout" in str(error) and error.reached_server is True
     assert len(requests_seen) == RETRY_LIMIT
@@ -619,8 +635,10 @@ def test_emulator_faults_on_progress_are_retried(emulator, emu_hook, kind, flavo
 
 
 def test_emulator_slow_create_times_out_once(emulator, monkeypatch):
-    use_emulator_connection(monkeypatch, emulator, retry_delay=0.01, retry_max_delay=0.05, timeout=0.3)
-    emulator.inject("comfy_prompt", "slow", delay=3.0)  # well past the 0.3 s timeout, even on a busy machine
+    # 1 s: ample for the server to start the create before the client hangs up (a request dropped before
+    # its handler runs creates nothing); the answer is held back 3 s, well past it even on a busy machine
+    use_emulator_connection(monkeypatch, emulator, retry_delay=0.01, retry_max_delay=0.05, timeout=1.0)
+    emulator.inject("comfy_prompt", "slow", delay=3.0)
     started = time.monotonic()
     with pytest.raises(SpeedPixTransportError, match="no answer within the timeout") as info:
         SpeedPixHook().create_prediction("wf-1", {"text": "白"})

@@ -14,8 +14,9 @@ from airflow.providers.common.compat.sdk import Stats
 from airflow_provider_speedpix import _metrics
 from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
+from airflow_provider_speedpix.operators import speedpix as operator_module
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
-from tests.test_operator import HEADER, xcom
+from tests.test_operator import HEADER, use_stepped_emulator, xcom
 from tests.test_sensor import sensor_dag
 
 SUCCESS_METRICS = {
@@ -63,19 +64,29 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id={workflow_id!r}, inputs=
     )
 
 
+@pytest.fixture
+def one_clock(make_emulator, speedpix_conn, monkeypatch):
+    """The stepped emulator of :func:`tests.test_operator.use_stepped_emulator`, and the operator reading
+    its submit time from that emulator's clock: worker and SpeedPix share one clock, which moves only with
+    status reads, so nothing (a slow create round trip, a loaded machine) passes between SpeedPix
+    stamping the task and the operator noting the submit."""
+    emulator = use_stepped_emulator(make_emulator, monkeypatch)
+    monkeypatch.setattr(operator_module, "time", emulator.clock)  # the module reads only time.time()
+    return emulator
+
+
 @pytest.mark.parametrize("deferrable", [True, False])
-def test_operator_success_emits_every_metric_tagged_with_the_workflow(
-    run_dag, speedpix_conn, stats, deferrable
-):
-    dr = run_operator(run_dag, "sleep-3", deferrable)  # 0.3 s dispatch, then 2.7 s running
+def test_operator_success_emits_every_metric_tagged_with_the_workflow(run_dag, one_clock, stats, deferrable):
+    dr = run_operator(run_dag, "sleep-1", deferrable)  # 0.1 s dispatch, then 0.9 s running
     assert dr.state == "success"
     assert stats.names() == SUCCESS_METRICS
     assert len(stats.calls) == len(SUCCESS_METRICS)  # each once
-    assert all(tags == {"workflow_id": "sleep-3"} for _, _, _, tags in stats.calls)
-    assert stats.value("speedpix.prediction.run_time") == timedelta(seconds=2.7)
+    assert all(tags == {"workflow_id": "sleep-1"} for _, _, _, tags in stats.calls)
+    assert stats.value("speedpix.prediction.run_time") == timedelta(seconds=0.9)
     assert stats.value("speedpix.prediction.run_time").total_seconds() == xcom(dr, "run")["run_seconds"]
-    # taskBeginTime minus the submit time the operator stored: the emulator's dispatch delay, less latency
-    assert timedelta(0) <= stats.value("speedpix.prediction.queue_time") <= timedelta(seconds=0.3)
+    # taskBeginTime (whole ms) minus the submit time the operator stored: the emulator's dispatch delay
+    queue_time = stats.value("speedpix.prediction.queue_time").total_seconds()
+    assert queue_time == pytest.approx(0.1, abs=0.001)
 
 
 @pytest.mark.parametrize("deferrable", [True, False])

@@ -10,8 +10,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from airflow_provider_speedpix.exceptions import SpeedPixConfigError
+from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.operators.speedpix import SpeedPixRunOperator, output_files_plan
 from tests._helpers import with_upstream_value
+from tests.conftest import FAST_RETRIES, use_emulator_connection
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: The operator's return value; the README's "Return value (XCom)" documents each.
@@ -69,6 +71,44 @@ def image(tmp_path):
     return path
 
 
+#: emulated seconds that pass with each status read under :func:`use_stepped_emulator`
+STEP = 0.6
+
+
+def use_stepped_emulator(make_emulator, monkeypatch):
+    """Point ``speedpix_default`` at a private emulator (task duration 1 s) whose clock stands still
+    except that every status read (``get_prediction`` of a worker's wait or a sensor's poke,
+    ``aget_prediction`` of a trigger) moves it on ``STEP`` seconds once answered; return that emulator.
+    A prediction is then queued at the first read, running at the second and, for a 1 s task, done at the
+    third, however late the first read comes (``dag.test()`` start-up) and however slowly the machine
+    runs. Call it after ``speedpix_conn`` set the connection (it overrides it)."""
+    emu = make_emulator()
+    use_emulator_connection(monkeypatch, emu, **FAST_RETRIES)
+    get_prediction, aget_prediction = SpeedPixHook.get_prediction, SpeedPixHook.aget_prediction
+
+    def stepped_get(self, *args, **kwargs):
+        try:
+            return get_prediction(self, *args, **kwargs)
+        finally:
+            emu.clock.advance(STEP)
+
+    async def stepped_aget(self, *args, **kwargs):
+        try:
+            return await aget_prediction(self, *args, **kwargs)
+        finally:
+            emu.clock.advance(STEP)
+
+    monkeypatch.setattr(SpeedPixHook, "get_prediction", stepped_get)
+    monkeypatch.setattr(SpeedPixHook, "aget_prediction", stepped_aget)
+    return emu
+
+
+@pytest.fixture
+def stepped_emulator(make_emulator, speedpix_conn, monkeypatch):
+    """:func:`use_stepped_emulator`, after ``speedpix_conn`` (which ``run_dag`` also sets up)."""
+    return use_stepped_emulator(make_emulator, monkeypatch)
+
+
 @pytest.mark.parametrize("deferrable", [True, False])
 def test_run_saves_outputs_and_returns_xcom(run_dag, speedpix_conn, tmp_path, deferrable):
     src = image(tmp_path)
@@ -103,9 +143,10 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-white", deferrable={
 
 
 @pytest.mark.parametrize("deferrable", [True, False])
-def test_default_output_workflow_saves_every_image(run_dag, speedpix_conn, tmp_path, deferrable, capsys):
+def test_default_output_workflow_saves_every_image(run_dag, stepped_emulator, tmp_path, deferrable, capsys):
     """A workflow without custom output fields: `result` is empty, the images are only in `images`.
-    Every one is saved, under names that cannot overwrite each other."""
+    Every one is saved, under names that cannot overwrite each other. (On the stepped clock the worker's
+    own wait always reads the prediction running once, whatever the machine's load.)"""
     out = tmp_path / "out"
     dr = run_dag(
         HEADER
@@ -131,7 +172,7 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id="wf-images-only", inputs
     assert all(data[:8] == PNG_MAGIC for data in saved)
     prediction_id = result["prediction_id"]
     assert saved == [output_png(prediction_id, "ComfyUI_00001_"), output_png(prediction_id, "ComfyUI_00002_")]
-    assert speedpix_conn.calls("file_get") == 2
+    assert stepped_emulator.calls("file_get") == 2
     assert result["run_seconds"] == 0.9
     started, finished = (datetime.fromisoformat(result[k]) for k in ("started_at", "finished_at"))
     assert started.tzinfo == UTC and (finished - started).total_seconds() == pytest.approx(0.9, abs=0.002)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from airflow_provider_speedpix import _outcome as outcome_module
 from airflow_provider_speedpix._outcome import (
     describe_closing,
     describe_finished,
@@ -92,7 +92,7 @@ def test_node_progress_while_running(emu, path):
 
 
 @PATHS
-def test_images_only_workflow_output_and_timing(emu, path):
+def test_images_only_workflow_output_and_timing(emu, path, monkeypatch):
     created_wall = emu.clock.time()
     prediction_id = create("wf-images-only")  # 1 s: 0.1 s waiting, 0.9 s running
     emu.clock.advance(1)
@@ -113,7 +113,8 @@ def test_images_only_workflow_output_and_timing(emu, path):
     assert done.workflow_id == "wf-images-only"
     assert describe_finished(done).startswith("succeeded: ran 0.9 s (")
     assert describe_finished(done).endswith(", 2 default images")
-    closing = describe_closing(done, time.time() - 41.4, ["s3://b/run/image_0.png", "s3://b/run/image_1.png"])
+    clock = FakeClock().install(monkeypatch, outcome_module)  # "after" is read off a clock that stands still
+    closing = describe_closing(done, clock.now - 41.4, ["s3://b/run/image_0.png", "s3://b/run/image_1.png"])
     assert (
         closing == f"Prediction {prediction_id} succeeded after 41 s (ran 0.9 s), 2 files saved to s3://b/run"
     )

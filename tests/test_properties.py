@@ -129,20 +129,28 @@ def test_tampering_is_refused(gateway_state, method, path, body, key, secret, da
     verify(gateway_state, key, secret, method, path, fresh, body)
 
 
+@pytest.fixture(scope="module")
+def clean_emulator(emulator_server):
+    """The session's emulator, reset once for this module (faults, latency or settings an earlier test
+    left would change its answers); module-scoped, as Hypothesis runs every example in one test call."""
+    emulator_server.reset()
+    return emulator_server
+
+
 @FEW
 @given(body=bodies, secret_suffix=st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=8))
 @example(body='{"taskId":"任务"}'.encode(), secret_suffix="")
-def test_signed_requests_pass_the_gateway_over_http(emulator_server, body, secret_suffix):
+def test_signed_requests_pass_the_gateway_over_http(clean_emulator, body, secret_suffix):
     """The real server: whatever the backend says about the body, the gateway accepts the signature."""
     path = "/scc/comfy_get_progress"
     headers = sign_request(
         method="POST",
         path=path,
         body=body,
-        app_key=emulator_server.app_key,
-        app_secret=emulator_server.app_secret + secret_suffix,
+        app_key=clean_emulator.app_key,
+        app_secret=clean_emulator.app_secret + secret_suffix,
     )
-    response = requests.post(emulator_server.url + path, data=body, headers=headers, timeout=10)
+    response = requests.post(clean_emulator.url + path, data=body, headers=headers, timeout=10)
     if secret_suffix:
         assert response.headers.get("X-Ca-Error-Code") == "I400SG"
     else:

@@ -553,7 +553,9 @@ def test_errors_logs_and_events_of_the_async_transport(leak_conn, recorder, monk
 
     leak_conn.inject("comfy_get_progress", "reset", times=4)
     poll(leak_conn.url)
-    leak_conn.inject("comfy_get_progress", "slow", times=4, delay=1.0)
+    # held back far past the 0.3 s timeout (only a client stalled 1.7 s could still see it arrive); much
+    # longer would hold up this module's emulator shutdown, which waits for the answers still sleeping
+    leak_conn.inject("comfy_get_progress", "slow", times=4, delay=2.0)
     poll(leak_conn.url)
     poll(refused)
     with full_backlog_port() as port:

@@ -18,7 +18,7 @@ from airflow_provider_speedpix.exceptions import (
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.sensors.speedpix import SpeedPixPredictionSensor, SpeedPixSensorError
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
-from tests.test_operator import ti_of, xcom
+from tests.test_operator import ti_of, use_stepped_emulator, xcom
 
 HEADER = """
 import datetime
@@ -77,6 +77,14 @@ def spy(monkeypatch):
     return record
 
 
+@pytest.fixture
+def stepped_emulator(make_emulator, speedpix_conn, monkeypatch):
+    """:func:`tests.test_operator.use_stepped_emulator`: the prediction is still queued at the sensor's
+    first poke however long ``dag.test()`` took to start (the deferrable sensor always defers), and done
+    after a known number of status reads."""
+    return use_stepped_emulator(make_emulator, monkeypatch)
+
+
 def sensor_dag(prediction_id: str, deferrable: bool, **options) -> str:
     extra = "".join(f", {k}={v!r}" for k, v in options.items())
     return HEADER + (
@@ -96,33 +104,34 @@ def create(workflow_id: str) -> str:
 
 # ---------------------------------------------------------------------- success
 @pytest.mark.parametrize("deferrable", [False, True], ids=["poke", "deferrable"])
-def test_sensor_returns_output_of_existing_prediction(run_dag, speedpix_conn, spy, deferrable):
-    prediction_id = create("sleep-1.5")
+def test_sensor_returns_output_of_existing_prediction(run_dag, stepped_emulator, spy, deferrable):
+    emu = stepped_emulator
+    prediction_id = create("sleep-1.5")  # done at the 4th status read (emulated 0, 0.6, 1.2, 1.8 s)
     dr = run_dag(sensor_dag(prediction_id, deferrable, timeout=60))
     assert dr.state == "success"
     assert ti_of(dr, "wait").state == "success"
     output = xcom(dr, "wait")
     assert list(output) == ["images"]
     assert without_query(output["images"]["url"]) == (
-        f"{speedpix_conn.url}/_emulator/files/outputs/{prediction_id}/output.png"
+        f"{emu.url}/_emulator/files/outputs/{prediction_id}/output.png"
     )
-    assert speedpix_conn.calls("comfy_prompt") == 1
+    assert emu.calls("comfy_prompt") == 1
     if deferrable:  # it really waited on the trigger and resumed with its success event
         [event] = spy["resumed"]
         assert event["status"] == "success" and event["prediction_id"] == prediction_id
     else:
         assert spy["resumed"] == []
-        assert speedpix_conn.calls("comfy_get_progress") >= 3  # poked until done
+        assert emu.calls("comfy_get_progress") >= 3  # poked until done
 
 
 @pytest.mark.parametrize("deferrable", [False, True], ids=["poke", "deferrable"])
 def test_sensor_returns_default_images_of_a_workflow_without_custom_outputs(
-    run_dag, speedpix_conn, deferrable, capsys
+    run_dag, stepped_emulator, deferrable, capsys
 ):
-    prediction_id = create("wf-images-only")
+    prediction_id = create("wf-images-only")  # queued at the first poke (stepped clock), done at the 3rd
     dr = run_dag(sensor_dag(prediction_id, deferrable, timeout=60))
     assert dr.state == "success"
-    base = f"{speedpix_conn.url}/_emulator/files/outputs/{prediction_id}"
+    base = f"{stepped_emulator.url}/_emulator/files/outputs/{prediction_id}"
     images = xcom(dr, "wait")["images"]
     assert [without_query(url) for url in images] == [
         f"{base}/ComfyUI_00001_.png",
@@ -131,7 +140,7 @@ def test_sensor_returns_default_images_of_a_workflow_without_custom_outputs(
     text = capsys.readouterr().out
     assert f"Prediction {prediction_id} succeeded: ran 0.9 s (" in text and "2 default images" in text
     if not deferrable:  # poked from the worker: the same progress line as operator and trigger
-        assert f"Prediction {prediction_id} queued" in text or f"Prediction {prediction_id} running" in text
+        assert f"Prediction {prediction_id} queued" in text
 
 
 @pytest.mark.parametrize("deferrable", [False, True], ids=["poke", "deferrable"])
@@ -165,9 +174,10 @@ def test_finished_prediction_does_not_defer(run_dag, speedpix_conn, spy):
 
 # ---------------------------------------------------------------------- failure
 @pytest.mark.parametrize("deferrable", [False, True], ids=["poke", "deferrable"])
-def test_failed_prediction_fails_task_with_code_and_message(run_dag, speedpix_conn, spy, deferrable, capsys):
-    speedpix_conn.configure(duration=2.5)  # long enough that the deferrable sensor really defers
-    prediction_id = create("wf-fail")
+def test_failed_prediction_fails_task_with_code_and_message(
+    run_dag, stepped_emulator, spy, deferrable, capsys
+):
+    prediction_id = create("wf-fail")  # unfinished at the first poke (stepped clock): deferrable defers
     dr = run_dag(sensor_dag(prediction_id, deferrable, timeout=60))
     assert dr.state == "failed"
     assert ti_of(dr, "wait").state == "failed"
@@ -182,9 +192,8 @@ def test_failed_prediction_fails_task_with_code_and_message(run_dag, speedpix_co
 
 
 @pytest.mark.parametrize("deferrable", [False, True], ids=["poke", "deferrable"])
-def test_failed_prediction_with_soft_fail_skips(run_dag, speedpix_conn, spy, deferrable):
-    speedpix_conn.configure(duration=2.5)  # long enough that the deferrable sensor really defers
-    prediction_id = create("wf-fail")
+def test_failed_prediction_with_soft_fail_skips(run_dag, stepped_emulator, spy, deferrable):
+    prediction_id = create("wf-fail")  # unfinished at the first poke (stepped clock): deferrable defers
     dr = run_dag(sensor_dag(prediction_id, deferrable, timeout=60, soft_fail=True))
     assert ti_of(dr, "wait").state == "skipped"
     assert dr.state == "success"

@@ -14,6 +14,7 @@ from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
 from tests._helpers import cancel_after, said
+from tests.conftest import FAST_RETRIES, use_emulator_connection
 from tests.test_trigger import Script, collect, create, run_trigger
 
 
@@ -123,14 +124,21 @@ def test_client_is_closed_after_the_last_trigger_and_no_socket_stays_open(
     assert open_sockets_to(port) <= before
 
 
-def test_finishing_one_trigger_does_not_close_the_client_another_uses(speedpix_conn, clients):
+def test_finishing_one_trigger_does_not_close_the_client_another_uses(make_emulator, monkeypatch, clients):
+    # On an emulator clock that moves only when told, the long prediction is still running when the
+    # short one has finished however slowly the machine runs, and finishes only after that.
+    emulator = make_emulator()
+    use_emulator_connection(monkeypatch, emulator, **FAST_RETRIES)
     short, long = create("sleep-0.2"), create("sleep-1.5")
+    emulator.clock.advance(0.5)  # the short one is done, the long one runs
 
     async def main() -> tuple[dict, dict]:
         slow = asyncio.create_task(collect(SpeedPixPredictionTrigger(long.id, poll_interval=0.1)))
         [first] = await collect(SpeedPixPredictionTrigger(short.id, poll_interval=0.1))
         in_use = transport_module._ASYNC_CLIENTS.get(asyncio.get_running_loop())
         assert in_use is not None and not in_use.closed
+        assert not slow.done()
+        emulator.clock.advance(1.5)  # now the long one is done too: seen by its next poll
         [second] = await slow
         assert in_use.closed
         return first, second
@@ -140,15 +148,25 @@ def test_finishing_one_trigger_does_not_close_the_client_another_uses(speedpix_c
     assert len(clients) == 1  # the long trigger kept polling through the same client
 
 
-def test_cleanup_lets_go_even_when_run_never_finished(speedpix_conn, clients):
+def test_cleanup_lets_go_even_when_run_never_finished(speedpix_conn, clients, monkeypatch):
     """A triggerer restart cancels the run; cleanup() (run on every exit) releases the client."""
     prediction = create("sleep-30")
     trigger = SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1)
+    polled: list[asyncio.Event] = []
+    original = SpeedPixHook.aget_prediction
+
+    async def spy(hook, prediction_id, **kwargs):
+        result = await original(hook, prediction_id, **kwargs)
+        polled[0].set()  # the client exists and has answered: the trigger now waits for its next poll
+        return result
+
+    monkeypatch.setattr(SpeedPixHook, "aget_prediction", spy)
 
     async def main() -> None:
+        polled.append(asyncio.Event())
         events = trigger.run()
         task = asyncio.create_task(events.__anext__())
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(polled[0].wait(), timeout=10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -51,10 +51,20 @@ class DeploymentError(RuntimeError):
     """Something in the deployment did not come up or finish in time (message carries the log tails)."""
 
 
+#: ports handed out by free_port in this process: a probe socket is closed before the next probe, so the
+#: kernel may offer the same port twice (two components of one deployment would then fight over it)
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on now and that this process has not handed out before."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def run_to_end(

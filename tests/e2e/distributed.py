@@ -130,10 +130,6 @@ class DistributedDeployment(Deployment):
                 "AIRFLOW__CELERY__SYNC_PARALLELISM": "1",
                 "AIRFLOW__SCHEDULER__TRIGGERER_HEALTH_CHECK_THRESHOLD": threshold,
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": threshold,
-                # Airflow's setting for balance in HA (default 50): a triggerer claims at most this many
-                # unassigned triggers per loop, so the first to poll does not take a whole burst (a split of
-                # 9/191 was measured at 50)
-                "AIRFLOW__TRIGGERER__MAX_TRIGGER_TO_SELECT_PER_LOOP": "10",
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
                 f"AIRFLOW_CONN_{AWS_CONN_ID.upper()}": json.dumps(
                     {
