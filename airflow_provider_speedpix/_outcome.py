@@ -27,6 +27,16 @@ EVENT_STATUSES = ("success", "failed", "timeout", "error")
 DEFER_GRACE = 60.0
 #: Failed polls in a row (each already retried by the hook) a wait sits out before giving up.
 MAX_CONSECUTIVE_ERRORS = 10
+#: Every SpeedPix trigger holds its event until this long after the deferral. Works around an Airflow race:
+#: the scheduler reads the executor's "success" for the process that deferred only in a later loop, and if
+#: the trigger fired and the task was queued (or is running) again by then, ``process_executor_events``
+#: (``airflow/jobs/scheduler_job_runner.py``) takes that stale success for an external kill and fails the
+#: try ("finished with state success, but the task instance's state attribute is queued"). Airflow 3.3.2
+#: ignores it only while the task instance is ``scheduled`` (apache/airflow#66374, fixed by #66431); the
+#: ``queued`` case is apache/airflow#67287 (fix #68741, after 3.3.2), the ``running`` one #72716 (open).
+#: Only a prediction that ends within seconds of its deferral waits longer for it (docs/batch.md,
+#: "Shortest round"). Delete once the floor Airflow ignores stale defer-exit events.
+DEFER_HOLD_SECONDS = 10.0
 
 
 # ---------------------------------------------------------------------- checks
@@ -247,6 +257,11 @@ def describe_closing(prediction: Prediction, submitted_at: Any, files: list[str]
 
 
 # ---------------------------------------------------------------------- deferral
+def hold_until() -> float | None:
+    """The ``not_before`` of a trigger deferred to now: ``DEFER_HOLD_SECONDS`` from now (``None`` at 0)."""
+    return time.time() + DEFER_HOLD_SECONDS if DEFER_HOLD_SECONDS else None
+
+
 def defer_to_trigger(
     prediction_id: str,
     *,
@@ -258,7 +273,8 @@ def defer_to_trigger(
     max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
 ) -> dict[str, Any]:
     """Keyword arguments for ``self.defer(...)`` (operator and sensor): the trigger's deadline is
-    ``timeout`` from now; the deferral's own timeout is ``DEFER_GRACE`` longer."""
+    ``timeout`` from now; the deferral's own timeout is ``DEFER_GRACE`` longer; the event comes no sooner
+    than ``DEFER_HOLD_SECONDS`` from now."""
     from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
 
     return {
@@ -271,6 +287,7 @@ def defer_to_trigger(
             created_at=created_at,
             estimated_duration=estimated_duration,
             max_consecutive_errors=max_consecutive_errors,
+            not_before=hold_until(),
         ),
         "method_name": "execute_complete",
         "timeout": None if timeout is None else timedelta(seconds=timeout + DEFER_GRACE),

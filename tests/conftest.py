@@ -35,6 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.emulator_fixture"]
 
 
+@pytest.fixture(autouse=True)
+def no_defer_hold(monkeypatch):
+    """dag.test() runs triggers in-process, with no scheduler and so without the race the hold works around
+    (``_outcome.DEFER_HOLD_SECONDS``): deferred tasks here resume as soon as their trigger fires. The tests
+    of the hold set it themselves; real deployments (tests/e2e) run with it."""
+    from airflow_provider_speedpix import _outcome
+
+    monkeypatch.setattr(_outcome, "DEFER_HOLD_SECONDS", 0.0)
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated SQLite metadata database for ``dag.test()`` (once per session)."""

@@ -35,15 +35,6 @@ SUMMARY_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def no_defer_hold(monkeypatch):
-    """dag.test() runs the trigger in-process, with no scheduler and so without the race the hold works
-    around (operators.batch.DEFER_HOLD_SECONDS): rounds here resume as soon as the trigger fires."""
-    from airflow_provider_speedpix.operators import batch as batch_module
-
-    monkeypatch.setattr(batch_module, "DEFER_HOLD_SECONDS", 0.0)
-
-
 @pytest.fixture
 def batch_emulator(make_emulator, speedpix_conn, monkeypatch):
     """A private emulator on the real clock with 8 worker slots (a real FIFO queue) and short tasks."""

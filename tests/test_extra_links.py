@@ -58,13 +58,6 @@ def while_deferred(monkeypatch, api):  # noqa: F811
     return seen
 
 
-@pytest.fixture(autouse=True)
-def no_defer_hold(monkeypatch):
-    from airflow_provider_speedpix.operators import batch as batch_module
-
-    monkeypatch.setattr(batch_module, "DEFER_HOLD_SECONDS", 0.0)
-
-
 def test_links_are_there_while_deferred_and_after(run_dag, speedpix_conn, tmp_path, while_deferred, api):  # noqa: F811
     out = tmp_path / "out"
     dr = run_dag(

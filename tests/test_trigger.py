@@ -72,9 +72,11 @@ def test_serialize_round_trip_plain_json_without_secret(speedpix_conn):
         created_at=before,
         estimated_duration=12.0,
         max_consecutive_errors=4,
+        not_before=before + 10,
     )
     classpath, kwargs = trigger.serialize()
     assert classpath == CLASSPATH
+    assert kwargs["not_before"] == before + 10
     text = json.dumps(kwargs)  # plain JSON types only
     assert json.loads(text) == kwargs
     assert speedpix_conn.app_secret not in text
@@ -96,6 +98,45 @@ def test_kwargs_survive_airflow_setting_its_own_attributes():
     trigger.trigger_id = 42
     assert trigger.serialize()[1]["prediction_id"] == "p-1"
     assert trigger.prediction_id == "p-1"
+
+
+# ---------------------------------------------------------------------- the hold after a deferral
+@pytest.mark.parametrize("workflow", ["sleep-0.1", "wf-fail"])
+def test_event_is_held_until_not_before(speedpix_conn, workflow):
+    """Whatever the event (here success and failed), it goes out no sooner than ``not_before``: a
+    prediction that ends within seconds of its deferral would otherwise meet Airflow's stale executor
+    event (``_outcome.DEFER_HOLD_SECONDS``). The prediction is read once it ended, not again after."""
+    speedpix_conn.configure(duration=0.1)
+    prediction = create(workflow)
+    hold = 1.5
+    started = time.time()
+    event = run_trigger(
+        SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1, not_before=started + hold)
+    )
+    assert time.time() - started >= hold
+    assert event["prediction_id"] == prediction.id
+    assert event["status"] == ("success" if workflow == "sleep-0.1" else "failed")
+    assert speedpix_conn.stats()["calls"]["comfy_get_result"] == 1
+
+
+def test_deferral_holds_the_event_for_defer_hold_seconds(monkeypatch):
+    """Operator and sensor defer through ``defer_to_trigger``: its trigger's ``not_before`` is
+    ``DEFER_HOLD_SECONDS`` from the deferral (and absent when the hold is 0, as in the other tests)."""
+    from airflow_provider_speedpix import _outcome
+
+    assert (
+        _outcome.defer_to_trigger("p-1", speedpix_conn_id="c", poll_interval=5.0, timeout=None)[
+            "trigger"
+        ].not_before
+        is None
+    )
+    monkeypatch.setattr(_outcome, "DEFER_HOLD_SECONDS", 10.0)
+    before = time.time()
+    trigger = _outcome.defer_to_trigger("p-1", speedpix_conn_id="c", poll_interval=5.0, timeout=None)[
+        "trigger"
+    ]
+    assert before + 10.0 <= trigger.not_before <= time.time() + 10.0
+    assert rebuild(trigger).not_before == trigger.not_before  # kept across a triggerer restart
 
 
 # ---------------------------------------------------------------------- terminal events

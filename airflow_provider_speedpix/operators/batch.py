@@ -30,6 +30,7 @@ from airflow_provider_speedpix._outcome import (
     MAX_CONSECUTIVE_ERRORS,
     check_positive,
     check_reference_at_parse,
+    hold_until,
 )
 from airflow_provider_speedpix._outputs import output_files_plan
 from airflow_provider_speedpix._protocol import Prediction, check_workflow_reference
@@ -42,17 +43,7 @@ from airflow_provider_speedpix.triggers.batch import SpeedPixBatchTrigger
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
-__all__ = ["DEFER_HOLD_SECONDS", "MANIFEST_NAME", "SpeedPixBatchRunOperator"]
-
-#: The trigger holds its event until this long after the deferral. Works around an Airflow race: the
-#: scheduler reads the executor's "success" for the process that deferred only in a later loop, and if the
-#: trigger fired and the task was queued (or is running) again by then, ``process_executor_events``
-#: (``airflow/jobs/scheduler_job_runner.py``) takes that stale success for an external kill and fails the
-#: try ("finished with state success, but the task instance's state attribute is queued"). Airflow 3.3.2
-#: ignores it only while the task instance is ``scheduled`` (apache/airflow#66374, fixed by #66431); the
-#: ``queued`` case is apache/airflow#67287 (fix #68741, after 3.3.2), the ``running`` one #72716 (open).
-#: docs/batch.md, "Shortest round". Delete once the floor Airflow ignores stale defer-exit events.
-DEFER_HOLD_SECONDS = 10.0
+__all__ = ["MANIFEST_NAME", "SpeedPixBatchRunOperator"]
 
 
 class SpeedPixBatchRunOperator(BaseOperator):
@@ -396,7 +387,7 @@ class SpeedPixBatchRunOperator(BaseOperator):
                 poll_interval=self.poll_interval,
                 max_poll_interval=max(self.poll_interval * 12, 60.0),
                 wake_at=wake_at,
-                not_before=time.time() + DEFER_HOLD_SECONDS if DEFER_HOLD_SECONDS else None,
+                not_before=hold_until(),
                 max_consecutive_errors=self.max_consecutive_errors,
             ),
             method_name="execute_complete",

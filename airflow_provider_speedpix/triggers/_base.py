@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -13,8 +15,11 @@ class SpeedPixTrigger(BaseTrigger):
     """Base of the SpeedPix triggers: ``run`` holds the event loop's shared HTTP client for the whole wait
     (the last holder closes it, so nothing leaks when a loop ends), yields exactly the one event ``_wait``
     returns, and lets go of the client on every exit; ``cleanup`` (also on a triggerer restart) lets go too.
+    The event goes out no sooner than ``not_before`` (wall-clock UNIX time; the operators set it
+    ``_outcome.DEFER_HOLD_SECONDS`` after the deferral, a workaround for an Airflow race).
     ``_final_event_sent`` tells ``on_kill`` that the wait is over."""
 
+    not_before: float | None = None
     _final_event_sent: bool = False
     _release_client: Callable[[], Awaitable[None]] | None = None
 
@@ -26,6 +31,8 @@ class SpeedPixTrigger(BaseTrigger):
         try:
             event = await self._wait()
             self._final_event_sent = True  # before yielding: on_kill may come as soon as the event is out
+            if self.not_before is not None and (early := self.not_before - time.time()) > 0:
+                await asyncio.sleep(early)
             yield event
         finally:
             await self._let_go_of_client()

@@ -55,9 +55,9 @@ class SpeedPixBatchTrigger(SpeedPixTrigger):
     :param prediction_ids: the predictions to watch.
     :param min_finished: how many must have finished before the event (capped at the number watched).
     :param wake_at: wall-clock UNIX time at which to fire with whatever finished; ``None``: no limit.
-    :param not_before: wall-clock UNIX time before which no ``success`` event is sent: the operator sets
-        it ``operators.batch.DEFER_HOLD_SECONDS`` after the deferral, a workaround for an Airflow race
-        (docs/batch.md, "Shortest round").
+    :param not_before: wall-clock UNIX time before which no event is sent: the operator sets it
+        ``_outcome.DEFER_HOLD_SECONDS`` after the deferral, a workaround for an Airflow race (docs/batch.md,
+        "Shortest round"). Until then the trigger goes on polling, so a round resumes with all that finished.
     """
 
     def __init__(

@@ -52,6 +52,7 @@ class SpeedPixPredictionTrigger(SpeedPixTrigger):
     :param estimated_duration: ``estimatedDurationInSeconds`` from the create call, if known.
     :param max_consecutive_errors: transient failures in a row (each already retried by the hook)
         before giving up with an ``error`` event.
+    :param not_before: wall-clock UNIX time before which the event is held (see the base class).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class SpeedPixPredictionTrigger(SpeedPixTrigger):
         created_at: float | None = None,
         estimated_duration: float | None = None,
         max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
+        not_before: float | None = None,
     ) -> None:
         super().__init__()
         self.prediction_id = prediction_id
@@ -74,6 +76,7 @@ class SpeedPixPredictionTrigger(SpeedPixTrigger):
         self.created_at = created_at
         self.estimated_duration = estimated_duration
         self.max_consecutive_errors = max_consecutive_errors
+        self.not_before = not_before
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -87,6 +90,7 @@ class SpeedPixPredictionTrigger(SpeedPixTrigger):
                 "created_at": self.created_at,
                 "estimated_duration": self.estimated_duration,
                 "max_consecutive_errors": self.max_consecutive_errors,
+                "not_before": self.not_before,
             },
         )
 

@@ -88,9 +88,7 @@ def test_changed_dag_then_clear_runs_the_new_request(deployment, tmp_path, e2e_r
 
     started = time.monotonic()
     deployment.emulator_reset()
-    # 10 s: shorter deferrals can meet Airflow's stale executor event (docs/production.md, "Very short
-    # predictions"), and this DAG has no retries
-    deployment.emulator_config(duration=10.0, images_only_workflow_ids=["wf-b"])
+    deployment.emulator_config(duration=2.0, images_only_workflow_ids=["wf-b"])
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where try 1's output folder should be")
     out = tmp_path / "out"

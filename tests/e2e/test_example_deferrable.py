@@ -54,9 +54,9 @@ def test_white_background_example_defers_resumes_and_forgets(auth, tmp_path, e2e
     folder = tmp_path
     out = folder / "output"
     extra_env = {"SPEEDPIX_OUTPUT_DIR": str(out), **auth_env(auth, folder)}
-    # 10 s, not less: a trigger that fires within a few seconds of the deferral can meet Airflow's stale
-    # executor event and fail the try (docs/production.md, "Very short predictions")
-    with Deployment(emulator_duration=10.0, extra_env=extra_env) as deployment:
+    # 3 s: the trigger holds the event until 10 s after the deferral (_outcome.DEFER_HOLD_SECONDS), the
+    # workaround for Airflow's stale executor event that a deferral this short could otherwise meet
+    with Deployment(emulator_duration=3.0, extra_env=extra_env) as deployment:
         deployment.wait_for_dags([DAG_ID], timeout=180)
         run_id = deployment.trigger(DAG_ID)
         deferred_seen = False
