@@ -91,6 +91,48 @@ def speedpix_conn(emulator, monkeypatch):
 
 
 @pytest.fixture
+def clocked_conn(make_emulator, speedpix_conn, monkeypatch):
+    """Point ``speedpix_default`` at a private emulator on a ManualClock (task duration 1 s; time moves only
+    with ``clock.advance``), with fast retries. Set after ``speedpix_conn`` (which ``run_dag`` also sets
+    up), so it wins."""
+    emu = make_emulator()
+    use_emulator_connection(monkeypatch, emu, **FAST_RETRIES)
+    return emu
+
+
+#: emulated seconds that pass with each status read on the ``stepped_emulator``
+STEP = 0.6
+
+
+@pytest.fixture
+def stepped_emulator(clocked_conn, monkeypatch):
+    """``clocked_conn`` whose clock moves on ``STEP`` seconds after every status read (``get_prediction``
+    of a worker's wait or a sensor's poke, ``aget_prediction`` of a trigger). A prediction is then queued at
+    the first read, running at the second and, for a 1 s task, done at the third, however late the first
+    read comes (``dag.test()`` start-up) and however slowly the machine runs."""
+    from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
+
+    emu = clocked_conn
+    get_prediction, aget_prediction = SpeedPixHook.get_prediction, SpeedPixHook.aget_prediction
+
+    def stepped_get(self, *args, **kwargs):
+        try:
+            return get_prediction(self, *args, **kwargs)
+        finally:
+            emu.clock.advance(STEP)
+
+    async def stepped_aget(self, *args, **kwargs):
+        try:
+            return await aget_prediction(self, *args, **kwargs)
+        finally:
+            emu.clock.advance(STEP)
+
+    monkeypatch.setattr(SpeedPixHook, "get_prediction", stepped_get)
+    monkeypatch.setattr(SpeedPixHook, "aget_prediction", stepped_aget)
+    return emu
+
+
+@pytest.fixture
 def run_dag(airflow_db, speedpix_conn):
     """``run_dag(body) -> DagRun``: write a DAG file into the session dags folder and ``dag.test()`` it.
 

@@ -16,7 +16,7 @@ from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.operators import speedpix as operator_module
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
-from tests.test_operator import HEADER, use_stepped_emulator, xcom
+from tests.test_operator import HEADER, xcom
 from tests.test_sensor import sensor_dag
 
 SUCCESS_METRICS = {
@@ -65,12 +65,12 @@ SpeedPixRunOperator(task_id="run", dag=dag, workflow_id={workflow_id!r}, inputs=
 
 
 @pytest.fixture
-def one_clock(make_emulator, speedpix_conn, monkeypatch):
-    """The stepped emulator of :func:`tests.test_operator.use_stepped_emulator`, and the operator reading
+def one_clock(stepped_emulator, monkeypatch):
+    """The ``stepped_emulator`` (tests/conftest.py), and the operator reading
     its submit time from that emulator's clock: worker and SpeedPix share one clock, which moves only with
     status reads, so nothing (a slow create round trip, a loaded machine) passes between SpeedPix
     stamping the task and the operator noting the submit."""
-    emulator = use_stepped_emulator(make_emulator, monkeypatch)
+    emulator = stepped_emulator
     monkeypatch.setattr(operator_module, "time", emulator.clock)  # the module reads only time.time()
     return emulator
 

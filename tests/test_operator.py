@@ -10,10 +10,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from airflow_provider_speedpix.exceptions import SpeedPixConfigError
-from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.operators.speedpix import SpeedPixRunOperator, output_files_plan
 from tests._helpers import with_upstream_value
-from tests.conftest import FAST_RETRIES, use_emulator_connection
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: The operator's return value; the README's "Return value (XCom)" documents each.
@@ -69,44 +67,6 @@ def image(tmp_path):
     path = tmp_path / "商品 photo.png"
     path.write_bytes(make_png(16, 16))
     return path
-
-
-#: emulated seconds that pass with each status read under :func:`use_stepped_emulator`
-STEP = 0.6
-
-
-def use_stepped_emulator(make_emulator, monkeypatch):
-    """Point ``speedpix_default`` at a private emulator (task duration 1 s) whose clock stands still
-    except that every status read (``get_prediction`` of a worker's wait or a sensor's poke,
-    ``aget_prediction`` of a trigger) moves it on ``STEP`` seconds once answered; return that emulator.
-    A prediction is then queued at the first read, running at the second and, for a 1 s task, done at the
-    third, however late the first read comes (``dag.test()`` start-up) and however slowly the machine
-    runs. Call it after ``speedpix_conn`` set the connection (it overrides it)."""
-    emu = make_emulator()
-    use_emulator_connection(monkeypatch, emu, **FAST_RETRIES)
-    get_prediction, aget_prediction = SpeedPixHook.get_prediction, SpeedPixHook.aget_prediction
-
-    def stepped_get(self, *args, **kwargs):
-        try:
-            return get_prediction(self, *args, **kwargs)
-        finally:
-            emu.clock.advance(STEP)
-
-    async def stepped_aget(self, *args, **kwargs):
-        try:
-            return await aget_prediction(self, *args, **kwargs)
-        finally:
-            emu.clock.advance(STEP)
-
-    monkeypatch.setattr(SpeedPixHook, "get_prediction", stepped_get)
-    monkeypatch.setattr(SpeedPixHook, "aget_prediction", stepped_aget)
-    return emu
-
-
-@pytest.fixture
-def stepped_emulator(make_emulator, speedpix_conn, monkeypatch):
-    """:func:`use_stepped_emulator`, after ``speedpix_conn`` (which ``run_dag`` also sets up)."""
-    return use_stepped_emulator(make_emulator, monkeypatch)
 
 
 @pytest.mark.parametrize("deferrable", [True, False])

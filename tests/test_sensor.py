@@ -18,7 +18,7 @@ from airflow_provider_speedpix.exceptions import (
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.sensors.speedpix import SpeedPixPredictionSensor, SpeedPixSensorError
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
-from tests.test_operator import ti_of, use_stepped_emulator, xcom
+from tests.test_operator import ti_of, xcom
 
 HEADER = """
 import datetime
@@ -75,14 +75,6 @@ def spy(monkeypatch):
     wrap("poke")
     wrap("execute_complete")
     return record
-
-
-@pytest.fixture
-def stepped_emulator(make_emulator, speedpix_conn, monkeypatch):
-    """:func:`tests.test_operator.use_stepped_emulator`: the prediction is still queued at the sensor's
-    first poke however long ``dag.test()`` took to start (the deferrable sensor always defers), and done
-    after a known number of status reads."""
-    return use_stepped_emulator(make_emulator, monkeypatch)
 
 
 def sensor_dag(prediction_id: str, deferrable: bool, **options) -> str:

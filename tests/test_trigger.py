@@ -25,7 +25,7 @@ from airflow_provider_speedpix.triggers.speedpix import (
     prediction_event,
     raise_for_event,
 )
-from tests.conftest import FAST_RETRIES, FakeClock, use_emulator_connection, use_speedpix_connection
+from tests.conftest import FakeClock, use_speedpix_connection
 
 CLASSPATH = "airflow_provider_speedpix.triggers.speedpix.SpeedPixPredictionTrigger"
 
@@ -374,11 +374,10 @@ def test_sleeps_never_overshoot_the_deadline(monkeypatch):
 
 
 # ---------------------------------------------------------------------- restart
-def test_restart_rebuilds_from_kwargs_and_does_not_resubmit(make_emulator, monkeypatch):
+def test_restart_rebuilds_from_kwargs_and_does_not_resubmit(clocked_conn, monkeypatch):
     # the emulator's clock stands still until the restart: the first trigger's poll always finds the
     # prediction unfinished, however late it comes
-    emulator = make_emulator()
-    use_emulator_connection(monkeypatch, emulator, **FAST_RETRIES)
+    emulator = clocked_conn
     prediction = create("sleep-1.5")
     trigger = SpeedPixPredictionTrigger(prediction.id, poll_interval=0.1, deadline=time.time() + 60)
     original = SpeedPixHook.aget_prediction

@@ -14,7 +14,6 @@ from airflow_provider_speedpix._protocol import Prediction
 from airflow_provider_speedpix.hooks.speedpix import SpeedPixHook
 from airflow_provider_speedpix.triggers.speedpix import SpeedPixPredictionTrigger
 from tests._helpers import cancel_after, said
-from tests.conftest import FAST_RETRIES, use_emulator_connection
 from tests.test_trigger import Script, collect, create, run_trigger
 
 
@@ -124,11 +123,10 @@ def test_client_is_closed_after_the_last_trigger_and_no_socket_stays_open(
     assert open_sockets_to(port) <= before
 
 
-def test_finishing_one_trigger_does_not_close_the_client_another_uses(make_emulator, monkeypatch, clients):
+def test_finishing_one_trigger_does_not_close_the_client_another_uses(clocked_conn, clients):
     # On an emulator clock that moves only when told, the long prediction is still running when the
     # short one has finished however slowly the machine runs, and finishes only after that.
-    emulator = make_emulator()
-    use_emulator_connection(monkeypatch, emulator, **FAST_RETRIES)
+    emulator = clocked_conn
     short, long = create("sleep-0.2"), create("sleep-1.5")
     emulator.clock.advance(0.5)  # the short one is done, the long one runs
 
